@@ -1,0 +1,112 @@
+"""Auxiliary routing losses. Every loss is computed per routing group, then averaged over groups.
+
+Legend: G groups, S tokens per group, E experts, K experts per token. ``mask_GS`` marks valid tokens
+(False: padding, or tokens of another modality); masked tokens never count.
+
+Sources: importance and load losses, V-MoE (Riquelme et al., NeurIPS 2021); Switch load balance
+(Fedus et al., JMLR 2022); GShard balance (Lepikhin et al., ICLR 2021); router z-loss, ST-MoE
+(Zoph et al., 2022); local/global entropy losses, LIMoE (Mustafa et al., NeurIPS 2022); AdaMoE's
+null-aware load balance (Zeng et al., Findings of EMNLP 2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _mask(mask_GS: torch.Tensor | None, like_GSE: torch.Tensor) -> torch.Tensor:
+    if mask_GS is None:
+        return torch.ones(like_GSE.shape[:2], dtype=like_GSE.dtype, device=like_GSE.device)
+    return mask_GS.to(like_GSE.dtype)
+
+
+def _cv_squared(v_GE: torch.Tensor) -> torch.Tensor:
+    """(std/mean)² along E with population std; 0 for an all-zero row (empty group)."""
+    mean = v_GE.mean(-1)
+    var = v_GE.var(-1, correction=0)
+    return torch.where(mean > 0, var / mean.clamp_min(1e-20).square(), torch.zeros_like(mean))
+
+
+def importance_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
+    """V-MoE importance loss: ``imp_e = Σ_s p[s,e]``, ``L = (std(imp)/mean(imp))²``, mean over groups."""
+    m_GS = _mask(mask_GS, probs_GSE)
+    importance_GE = (probs_GSE * m_GS[..., None]).sum(1)
+    return _cv_squared(importance_GE).mean()
+
+
+def load_loss(
+    logits_GSE: torch.Tensor,
+    noisy_logits_GSE: torch.Tensor,
+    noise_std: float,
+    k: int,
+    mask_GS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """V-MoE load loss: the probability that expert e is still among the top-K if only its own
+    noise were redrawn, ``P[s,e] = 1 − Φ((thr_s − z[s,e])/σ)`` with ``thr_s`` the K-th largest noisy
+    logit; ``load_e = mean_s P[s,e]``; ``L = (std(load)/mean(load))²``."""
+    threshold_GS1 = torch.topk(noisy_logits_GSE, k, dim=-1).values[..., -1:]
+    p_GSE = 1.0 - torch.special.ndtr((threshold_GS1 - logits_GSE) / noise_std)
+    m_GS = _mask(mask_GS, p_GSE)
+    load_GE = (p_GSE * m_GS[..., None]).sum(1) / m_GS.sum(1, keepdim=True).clamp_min(1.0)
+    return _cv_squared(load_GE).mean()
+
+
+def switch_loss(
+    probs_GSE: torch.Tensor, expert_idx_GSK: torch.Tensor, mask_GS: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer balance loss ``E · Σ_e f_e P_e`` (1.0 at uniform routing; callers scale
+    it by α = 1e-2). f_e: fraction of routed choices sent to e; P_e: mean router probability."""
+    E = probs_GSE.shape[-1]
+    m_GS = _mask(mask_GS, probs_GSE)
+    n_GS1 = m_GS.sum(1, keepdim=True).clamp_min(1.0)
+    onehot_GSE = torch.zeros_like(probs_GSE).scatter_add_(
+        -1, expert_idx_GSK, torch.ones_like(expert_idx_GSK, dtype=probs_GSE.dtype)
+    )
+    K = expert_idx_GSK.shape[-1]
+    f_GE = (onehot_GSE * m_GS[..., None]).sum(1) / (n_GS1 * K)
+    P_GE = (probs_GSE * m_GS[..., None]).sum(1) / n_GS1
+    return (E * (f_GE * P_GE).sum(-1)).mean()
+
+
+def gshard_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
+    """GShard balance loss ``mean_e(mean_s top1[s,e] · mean_s p[s,e]) · E²`` (1.0 when uniform)."""
+    E = probs_GSE.shape[-1]
+    m_GS = _mask(mask_GS, probs_GSE)
+    n_GS1 = m_GS.sum(1, keepdim=True).clamp_min(1.0)
+    top1_GSE = torch.nn.functional.one_hot(probs_GSE.argmax(-1), E).to(probs_GSE.dtype)
+    f_GE = (top1_GSE * m_GS[..., None]).sum(1) / n_GS1
+    P_GE = (probs_GSE * m_GS[..., None]).sum(1) / n_GS1
+    return ((f_GE * P_GE).mean(-1) * E * E).mean()
+
+
+def z_loss(logits_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_s (logsumexp_e z[s,e])²`` (callers scale it by c_z = 1e-3)."""
+    m_GS = _mask(mask_GS, logits_GSE)
+    lse_GS = torch.logsumexp(logits_GSE, dim=-1).square()
+    return ((lse_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0)).mean()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1)
+
+
+def local_entropy_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
+    """LIMoE local entropy ``mean_x H(p(x))`` over the tokens in ``mask_GS`` (one modality):
+    low values push each token to commit to few experts."""
+    m_GS = _mask(mask_GS, probs_GSE)
+    h_GS = _entropy(probs_GSE)
+    return ((h_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0)).mean()
+
+
+def global_entropy_loss(
+    probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None, threshold: float | None = None
+) -> torch.Tensor:
+    """LIMoE thresholded global entropy ``max(0, τ − H(mean_x p(x)))``: the modality as a whole
+    should use many experts. τ defaults to log(E) (LIMoE sets τ = log(S_min) per modality)."""
+    E = probs_GSE.shape[-1]
+    tau = math.log(E) if threshold is None else threshold
+    m_GS = _mask(mask_GS, probs_GSE)
+    mean_GE = (probs_GSE * m_GS[..., None]).sum(1) / m_GS.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.relu(tau - _entropy(mean_GE)).mean()

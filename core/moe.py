@@ -1,0 +1,189 @@
+"""The MoE layer: router + stacked experts (+ optional shared experts), a drop-in for timm's ``Mlp``.
+
+Sparse routings take the fast path: sort assignments by expert, gather the tokens once, run every
+expert with one grouped matmul per projection, scale by the combine gates and scatter-add back.
+Soft routings (Soft MoE) take the einsum path over slots. Auxiliary losses stay on the router
+(``core.collect_aux_loss``); load statistics accumulate in buffers (``core.routing_stats``).
+
+Shared experts follow DeepSeekMoE (Dai et al., 2024): always-on FFNs added to the routed output.
+
+Legend: T tokens, G groups, S tokens per group, D width, F expert hidden width, O output width,
+E experts, P slots per expert, N assignments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from core.experts import Experts
+from core.routers.base import Router, check_positive_int
+from core.routers.topk import TopKRouter
+from core.routing import Routing
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN with timm ``Mlp``'s constructor plus keyword-only MoE arguments.
+
+    Args:
+        in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop: as timm's
+            ``Mlp``; ``hidden_features`` is each expert's hidden width F.
+        num_experts: E routed experts.
+        router: a callable ``router(dim=D, num_experts=E) -> Router`` (a Hydra ``_partial_``
+            config), or a ``Router`` instance to share between layers; default V-MoE top-2.
+        group_size: S tokens per routing group; None routes each sequence (``x.shape[-2]``) as one
+            group (the whole batch when x is 2-D). A last partial group is padded and masked.
+        num_shared_experts: always-on experts of width F each, added to the routed output.
+        glu: gated (SwiGLU-style) experts.
+        expert_impl: ``"auto"`` | ``"grouped"`` | ``"loop"`` (see ``Experts``).
+        track_stats: accumulate routing statistics for ``core.routing_stats``.
+
+    Example::
+
+        layer = MoE(512, 1024, num_experts=8, router=functools.partial(TopKRouter, top_k=2))
+        y = layer(torch.randn(4, 128, 512))   # same shape as x
+        loss = task_loss + core.collect_aux_loss(model)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        use_conv: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        num_experts: int = 8,
+        router: Callable[..., Router] | Router | None = None,
+        group_size: int | None = None,
+        num_shared_experts: int = 0,
+        glu: bool = False,
+        expert_impl: str = "auto",
+        track_stats: bool = True,
+    ):
+        super().__init__()
+        if use_conv:
+            raise ValueError("use_conv=True is not supported by MoE: experts are linear FFNs.")
+        check_positive_int("in_features", in_features)
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        check_positive_int("num_experts", num_experts)
+        if group_size is not None:
+            check_positive_int("group_size", group_size)
+        check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.group_size = group_size
+        if router is None:
+            router = TopKRouter(in_features, num_experts)
+        elif not isinstance(router, Router):
+            router = router(dim=in_features, num_experts=num_experts)
+        if router.dim != in_features:
+            raise ValueError(f"router.dim={router.dim} does not match in_features={in_features}.")
+        self.router = router
+        dd = {"device": device, "dtype": dtype}
+        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
+                               glu=glu, bias=bias, drop=drop, norm_layer=norm_layer, impl=expert_impl, **dd)
+        self.shared_experts = None
+        if num_shared_experts:
+            self.shared_experts = Experts(1, in_features, hidden_features * num_shared_experts, out_features,
+                                          act_layer=act_layer, glu=glu, bias=bias, drop=drop, impl=expert_impl, **dd)
+        self.track_stats = track_stats
+        self.register_buffer("stat_tokens_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_importance_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        # dropped choices, attempted choices, valid tokens, summed routing entropy, forward calls
+        self.register_buffer("stat_counters", torch.zeros(5, dtype=torch.float64), persistent=False)
+        self.last_routing: Routing | None = None
+        self.keep_last_routing = False
+
+    def _groups(self, x: torch.Tensor, mask, token_ids):
+        """(…, D) -> G×S×D plus the matching mask and token ids, padding a last partial group."""
+        D = x.shape[-1]
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        S = self.group_size or (x.shape[-2] if x.dim() >= 3 else T)
+        S = max(1, min(S, T))
+        pad = (-T) % S
+        mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        if pad:
+            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, D)])
+            if mask_T is None:
+                mask_T = torch.ones(T, dtype=torch.bool, device=x.device)
+            mask_T = torch.cat([mask_T, mask_T.new_zeros(pad)])
+            if ids_T is not None:
+                ids_T = torch.cat([ids_T, ids_T.new_zeros(pad)])
+        G = x_TD.shape[0] // S
+        mask_GS = None if mask_T is None else mask_T.view(G, S)
+        ids_GS = None if ids_T is None else ids_T.view(G, S)
+        return x_TD, x_TD.view(G, S, D), mask_GS, ids_GS, T
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (…, D) -> (…, O). ``mask`` (x.shape[:-1], True = real token) keeps padding out of
+        routing and statistics; ``token_ids`` (x.shape[:-1]) feed routers that need them (hash)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} does not match in_features={self.in_features}.")
+        lead = x.shape[:-1]
+        x_TD, x_GSD, mask_GS, ids_GS, T = self._groups(x, mask, token_ids)
+        kwargs = {} if ids_GS is None else {"token_ids_GS": ids_GS}
+        routing = self.router(x_GSD, mask_GS, **kwargs)
+        y_TO = self._combine_soft(x_GSD, routing) if routing.is_soft else self._combine_sparse(x_TD, routing)
+        y_TO = y_TO[:T]
+        if self.shared_experts is not None:
+            x_real = x_TD[:T]
+            y_TO = y_TO + self.shared_experts(x_real, torch.tensor([T], device=x.device),
+                                              torch.zeros(T, dtype=torch.long, device=x.device))
+        if self.track_stats:
+            self._update_stats(routing)
+        if self.keep_last_routing:
+            self.last_routing = routing
+        return y_TO.view(*lead, self.out_features)
+
+    def _combine_sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        order_N = torch.argsort(routing.expert_idx_N, stable=True)
+        token_N = routing.token_idx_N.index_select(0, order_N)
+        expert_N = routing.expert_idx_N.index_select(0, order_N)
+        counts_E = torch.bincount(routing.expert_idx_N, minlength=self.num_experts)
+        y_NO = self.experts(x_TD.index_select(0, token_N), counts_E, expert_N)
+        y_NO = y_NO * routing.weight_N.index_select(0, order_N).to(y_NO.dtype)[:, None]
+        return y_NO.new_zeros(x_TD.shape[0], self.out_features).index_add_(0, token_N, y_NO)
+
+    def _combine_soft(self, x_GSD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        G, S, _ = x_GSD.shape
+        E, P = self.num_experts, routing.capacity
+        dispatch = routing.dispatch_GSEP.to(x_GSD.dtype)
+        slots_EGPD = torch.einsum("gsep,gsd->egpd", dispatch, x_GSD)
+        y_EMO = self.experts.forward_batched(slots_EGPD.reshape(E, G * P, -1))
+        y_GSO = torch.einsum("gsep,egpo->gso", routing.combine_GSEP.to(y_EMO.dtype), y_EMO.view(E, G, P, -1))
+        return y_GSO.reshape(G * S, -1)
+
+    @torch.no_grad()
+    def _update_stats(self, routing: Routing) -> None:
+        self.stat_tokens_E += routing.tokens_per_expert().to(torch.float64)
+        scores = routing.scores_GSE
+        m = None if routing.mask_GS is None else routing.mask_GS[..., None].to(scores.dtype)
+        valid = scores if m is None else scores * m
+        self.stat_importance_E += valid.sum((0, 1)).to(torch.float64)
+        entropy_GS = -(scores * torch.log(scores.clamp_min(1e-20))).sum(-1)
+        if m is not None:
+            entropy_GS = entropy_GS * m[..., 0]
+        n_valid = scores.shape[0] * scores.shape[1] if m is None else m.sum()
+        self.stat_counters += torch.stack([
+            torch.as_tensor(routing.num_dropped, dtype=torch.float64, device=self.stat_counters.device),
+            torch.as_tensor(routing.num_choices, dtype=torch.float64, device=self.stat_counters.device),
+            torch.as_tensor(n_valid, dtype=torch.float64, device=self.stat_counters.device),
+            entropy_GS.sum().to(torch.float64),
+            torch.ones((), dtype=torch.float64, device=self.stat_counters.device),
+        ])
+
+    def reset_stats(self) -> None:
+        self.stat_tokens_E.zero_()
+        self.stat_importance_E.zero_()
+        self.stat_counters.zero_()

@@ -1,0 +1,183 @@
+"""The router base class and the two selection rules every sparse router shares.
+
+Selection rules follow google-research/vmoe (Riquelme et al., "Scaling Vision with Sparse Mixture of
+Experts", NeurIPS 2021; Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022):
+token choice takes the top-K experts per token and fills each expert's buffer in K-major order
+(optionally Batch Prioritized); expert choice lets every expert take its top-C tokens.
+
+Legend: G groups, S tokens per group, D model width, E experts, K experts per token, C capacity,
+N assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from core.routing import Routing, positions_in_segment
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {minimum}.")
+    return value
+
+
+def check_capacity_factor(value) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(
+            f"capacity_factor={value!r} is not allowed: it must be a number > 0, "
+            "or null for dropless routing."
+        )
+    return float(value)
+
+
+def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, multiple_of: int = 1) -> int:
+    """``ceil(num_tokens·cf/E)``, rounded up to a multiple of ``multiple_of`` (vmoe uses 4)."""
+    capacity = math.ceil(num_tokens * capacity_factor / num_experts)
+    return max(multiple_of, int(math.ceil(capacity / multiple_of) * multiple_of))
+
+
+class Router(nn.Module):
+    """Base class of every router: ``forward(x_GSD, mask_GS=None) -> Routing``.
+
+    Subclasses own their parameters, set ``self.aux_losses`` (named, already weighted scalars) on
+    every training forward, and declare two class facts used by the domain packages:
+    ``token_local`` (a token's routing depends only on that token, so the router is safe in a
+    causal language model) and ``needs_token_ids`` (hash routing).
+
+    Args:
+        dim: D, the width of the tokens routed.
+        num_experts: E.
+    """
+
+    token_local: bool = True
+    needs_token_ids: bool = False
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether routing token s never looks at tokens after s in its group."""
+        return self.token_local
+
+    def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
+        raise NotImplementedError
+
+    def linear_logits(self, x_GSD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32, whatever autocast says: routing decisions are precision-sensitive."""
+        with torch.autocast(device_type=x_GSD.device.type, enabled=False):
+            return torch.nn.functional.linear(x_GSD.float(), weight_ED.float())
+
+    def add_noise(self, logits_GSE: torch.Tensor, noise_std: float) -> torch.Tensor:
+        """V-MoE noise ``ε ~ N(0, (noise_std/E)²)`` during training only."""
+        if not (self.training and noise_std > 0):
+            return logits_GSE
+        return logits_GSE + torch.randn_like(logits_GSE) * (noise_std / self.num_experts)
+
+
+def init_router_weight(num_experts: int, dim: int) -> nn.Parameter:
+    """E×D gate weight, LeCun-normal like vmoe's ``nn.Dense``."""
+    return nn.Parameter(torch.randn(num_experts, dim) / math.sqrt(dim))
+
+
+def select_token_choice(
+    select_GSE: torch.Tensor,
+    gates_GSE: torch.Tensor,
+    k: int,
+    capacity: int | None,
+    batch_priority: bool = False,
+    mask_GS: torch.Tensor | None = None,
+    scores_GSE: torch.Tensor | None = None,
+    eligible_GSE: torch.Tensor | None = None,
+) -> Routing:
+    """Top-K experts per token by ``select_GSE``; combine gate read from ``gates_GSE``.
+
+    Buffer slots are claimed K-major (every token's 1st choice before any 2nd choice) in token
+    order, or in descending top-1 score order with Batch Prioritized Routing; choices past
+    ``capacity`` are dropped. Masked tokens make no choices; choices outside ``eligible_GSE`` (e.g.
+    zeros of a sparse plan) are dropped without taking a slot.
+    """
+    G, S, E = select_GSE.shape
+    dev = select_GSE.device
+    top_val_GSK, top_idx_GSK = torch.topk(select_GSE, k, dim=-1)
+    if batch_priority:
+        order_GS = torch.argsort(-top_val_GSK[..., 0], dim=1, stable=True)
+    else:
+        order_GS = torch.arange(S, device=dev).expand(G, S)
+    # Assignments listed (group, k, token-in-priority-order): the order in which they claim slots.
+    expert_GKS = top_idx_GSK.gather(1, order_GS[..., None].expand(G, S, k)).transpose(1, 2)
+    token_GS = order_GS + torch.arange(G, device=dev)[:, None] * S
+    token_GKS = token_GS[:, None, :].expand(G, k, S)
+    token_N = token_GKS.reshape(-1)
+    expert_N = expert_GKS.reshape(-1)
+    weight_N = gates_GSE.reshape(G * S, E)[token_N, expert_N]
+
+    keep_N = None
+    num_choices: int | torch.Tensor = G * S * k
+    if mask_GS is not None:
+        keep_N = mask_GS.reshape(-1)[token_N]
+    if eligible_GSE is not None:
+        eligible_N = eligible_GSE.reshape(G * S, E)[token_N, expert_N]
+        keep_N = eligible_N if keep_N is None else keep_N & eligible_N
+    if keep_N is not None:
+        num_choices = keep_N.sum()  # a tensor: no host sync
+    if capacity is not None:
+        group_N = torch.div(token_N, S, rounding_mode="floor")
+        key_N = group_N * E + expert_N
+        if keep_N is not None:  # masked tokens go to a segment of their own and take no slot
+            key_N = torch.where(keep_N, key_N, G * E)
+        in_capacity_N = positions_in_segment(key_N, G * E + 1) < capacity
+        keep_N = in_capacity_N if keep_N is None else keep_N & in_capacity_N
+    if keep_N is not None:
+        token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
+    return Routing(
+        num_groups=G, group_size=S, num_experts=E,
+        token_idx_N=token_N, expert_idx_N=expert_N, weight_N=weight_N,
+        capacity=capacity, num_choices=num_choices,
+        scores_GSE=gates_GSE if scores_GSE is None else scores_GSE, mask_GS=mask_GS,
+    )
+
+
+def select_expert_choice(
+    select_GSE: torch.Tensor,
+    gates_GSE: torch.Tensor,
+    capacity: int,
+    mask_GS: torch.Tensor | None = None,
+    eligible_GSE: torch.Tensor | None = None,
+    scores_GSE: torch.Tensor | None = None,
+) -> Routing:
+    """Every expert takes its top-C tokens by ``select_GSE`` (C clipped to S); combine gate read
+    from ``gates_GSE``. Masked tokens and entries outside ``eligible_GSE`` are never picked, so an
+    expert may fill fewer than C slots when fewer tokens are eligible."""
+    G, S, E = select_GSE.shape
+    dev = select_GSE.device
+    C = min(capacity, S)
+    invalid_GSE = None
+    if mask_GS is not None:
+        invalid_GSE = ~mask_GS[..., None].expand(G, S, E)
+    if eligible_GSE is not None:
+        invalid_GSE = ~eligible_GSE if invalid_GSE is None else invalid_GSE | ~eligible_GSE
+    if invalid_GSE is not None:
+        select_GSE = select_GSE.masked_fill(invalid_GSE, float("-inf"))
+    top_val_GEC, top_tok_GEC = torch.topk(select_GSE.transpose(1, 2), C, dim=-1)
+    token_N = (top_tok_GEC + torch.arange(G, device=dev)[:, None, None] * S).reshape(-1)
+    expert_N = torch.arange(E, device=dev)[None, :, None].expand(G, E, C).reshape(-1)
+    weight_N = gates_GSE.reshape(G * S, E)[token_N, expert_N]
+    if invalid_GSE is not None:
+        keep_N = top_val_GEC.reshape(-1) > float("-inf")
+        token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
+    return Routing(
+        num_groups=G, group_size=S, num_experts=E,
+        token_idx_N=token_N, expert_idx_N=expert_N, weight_N=weight_N,
+        capacity=C, num_choices=G * E * C,
+        scores_GSE=gates_GSE if scores_GSE is None else scores_GSE, mask_GS=mask_GS,
+    )

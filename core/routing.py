@@ -1,0 +1,122 @@
+"""The `Routing` value: one description of who goes where, shared by every router and the MoE layer.
+
+Follows the unified formulation of the router study (Liu, Blondel, Riquelme, Puigcerver, "Routers in
+Vision Mixture of Experts: An Empirical Study", TMLR 2024): tokens are split into G routing groups of
+S tokens; a router produces dispatch and combine weights per group. Sparse routers are stored as a
+list of assignments (never as dense G×S×E×C tensors on the hot path); soft routers as dense
+G×S×E×P weights.
+
+Legend: G groups, S tokens per group, T = G·S tokens, E experts, C capacity (slots per expert),
+P slots per expert (Soft MoE), N kept assignments, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def positions_in_segment(key_N: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Rank of each entry among the earlier entries with the same key (0, 1, 2, ... in list order).
+
+    This is the buffer slot a token-choice assignment takes in its (group, expert) buffer when the
+    assignments are listed in priority order. Sort-based: O(N log N), no N×E one-hot.
+    """
+    if key_N.numel() == 0:
+        return key_N.clone()
+    order_N = torch.argsort(key_N, stable=True)
+    counts = torch.bincount(key_N, minlength=num_segments)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks_sorted = torch.arange(key_N.numel(), device=key_N.device) - starts[key_N[order_N]]
+    pos_N = torch.empty_like(key_N)
+    pos_N[order_N] = ranks_sorted
+    return pos_N
+
+
+@dataclass
+class Routing:
+    """Who goes where, for T = G·S tokens and E experts.
+
+    Sparse routings (``is_soft`` False) list their kept assignments in priority order (the order in
+    which they claimed buffer slots): ``token_idx_N`` indexes the flattened G·S tokens,
+    ``expert_idx_N`` the experts, ``weight_N`` is the combine gate. Soft routings carry
+    ``dispatch_GSEP`` (softmax over tokens) and ``combine_GSEP`` (softmax over slots).
+
+    Args:
+        num_groups: G.
+        group_size: S.
+        num_experts: E.
+        token_idx_N, expert_idx_N, weight_N: kept assignments, priority order (sparse only).
+        capacity: slots per expert and group; None means dropless.
+        num_choices: assignments the router attempted (valid tokens·K for token choice, E·C for
+            expert choice); ``num_choices - N`` were dropped.
+        scores_GSE: router probabilities (for losses and analytics).
+        mask_GS: valid-token mask (False: padding), or None when every token is valid.
+        dispatch_GSEP, combine_GSEP: soft weights (soft only).
+    """
+
+    num_groups: int
+    group_size: int
+    num_experts: int
+    token_idx_N: torch.Tensor | None = None
+    expert_idx_N: torch.Tensor | None = None
+    weight_N: torch.Tensor | None = None
+    capacity: int | None = None
+    num_choices: int | torch.Tensor = 0
+    scores_GSE: torch.Tensor | None = None
+    mask_GS: torch.Tensor | None = None
+    dispatch_GSEP: torch.Tensor | None = None
+    combine_GSEP: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def is_soft(self) -> bool:
+        return self.dispatch_GSEP is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_groups * self.group_size
+
+    @property
+    def num_kept(self) -> int:
+        return 0 if self.is_soft else int(self.token_idx_N.numel())
+
+    @property
+    def num_dropped(self) -> torch.Tensor:
+        """Dropped choices (a tensor, so reading it does not force a host sync)."""
+        if self.is_soft:
+            return torch.zeros(())
+        return torch.as_tensor(self.num_choices, device=self.token_idx_N.device) - self.token_idx_N.numel()
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """E counts of assignments (soft routings: total dispatch mass per expert)."""
+        if self.is_soft:
+            return self.dispatch_GSEP.detach().sum(dim=(0, 1, 3))
+        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+
+    def slot_idx_N(self) -> torch.Tensor:
+        """Buffer slot of every kept assignment inside its (group, expert) buffer."""
+        group_N = torch.div(self.token_idx_N, self.group_size, rounding_mode="floor")
+        key_N = group_N * self.num_experts + self.expert_idx_N
+        return positions_in_segment(key_N, self.num_groups * self.num_experts)
+
+    def dense_dispatch_combine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The study's dispatch and combine tensors, both G×S×E×C (C = P for soft routings).
+
+        For dropless sparse routings C is the largest buffer any (group, expert) needed.
+        """
+        if self.is_soft:
+            return self.dispatch_GSEP, self.combine_GSEP
+        G, S, E = self.num_groups, self.group_size, self.num_experts
+        slot_N = self.slot_idx_N()
+        if self.capacity is not None:
+            C = self.capacity
+        else:
+            C = int(slot_N.max().item()) + 1 if slot_N.numel() else 1
+        dev = self.token_idx_N.device
+        dispatch = torch.zeros(G * S, E, C, device=dev, dtype=self.weight_N.dtype)
+        combine = torch.zeros(G * S, E, C, device=dev, dtype=self.weight_N.dtype)
+        dispatch[self.token_idx_N, self.expert_idx_N, slot_N] = 1.0
+        combine = combine.index_put((self.token_idx_N, self.expert_idx_N, slot_N), self.weight_N)
+        return dispatch.view(G, S, E, C), combine.view(G, S, E, C)
