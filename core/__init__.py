@@ -10,7 +10,19 @@ from core.moe import MoE
 from core.routers.base import Router
 from core.routing import Routing
 
-__all__ = ["Experts", "MoE", "Router", "Routing", "collect_aux_loss", "routing_stats", "reset_routing_stats"]
+__all__ = [
+    "Experts", "MoE", "Router", "Routing", "after_optimizer_step", "collect_aux_loss", "routing_stats",
+    "reset_routing_stats",
+]
+
+
+@torch.no_grad()
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call after every optimizer step: routers with state updated outside autograd (DeepSeek-V3's
+    auxiliary-loss-free bias) define ``after_optimizer_step()``."""
+    for m in model.modules():
+        if isinstance(m, Router) and hasattr(m, "after_optimizer_step"):
+            m.after_optimizer_step()
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:

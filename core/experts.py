@@ -128,6 +128,20 @@ class Experts(nn.Module):
             y = y + self.b2_EO.to(dt)[:, None, :]
         return self.drop(y)
 
+    def forward_merged(self, x_GSD: torch.Tensor, merge_GE: torch.Tensor) -> torch.Tensor:
+        """One FFN per group whose parameters are ``Σ_e merge[g,e]·θ_e`` (SMEAR, Muqeeth et al.
+        2023; Lory, Zhong et al. 2024)."""
+        dt = x_GSD.dtype
+        m = merge_GE.to(dt)
+        h = torch.bmm(x_GSD, torch.einsum("ge,edf->gdf", m, self.w1_EDF.to(dt)))
+        if self.b1_EF is not None:
+            h = h + (m @ self.b1_EF.to(dt))[:, None, :]
+        g = None if self.w3_EDF is None else torch.bmm(x_GSD, torch.einsum("ge,edf->gdf", m, self.w3_EDF.to(dt)))
+        y = torch.bmm(self._hidden(h, g), torch.einsum("ge,efo->gfo", m, self.w2_EFO.to(dt)))
+        if self.b2_EO is not None:
+            y = y + (m @ self.b2_EO.to(dt))[:, None, :]
+        return self.drop(y)
+
     def load_dense_mlp(self, fc1: nn.Linear, fc2: nn.Linear, fc3: nn.Linear | None = None) -> None:
         """Copy one dense FFN into every expert (sparse upcycling, Komatsuzaki et al., ICLR 2023)."""
         with torch.no_grad():

@@ -134,7 +134,14 @@ class MoE(nn.Module):
         x_TD, x_GSD, mask_GS, ids_GS, T = self._groups(x, mask, token_ids)
         kwargs = {} if ids_GS is None else {"token_ids_GS": ids_GS}
         routing = self.router(x_GSD, mask_GS, **kwargs)
-        y_TO = self._combine_soft(x_GSD, routing) if routing.is_soft else self._combine_sparse(x_TD, routing)
+        if routing.is_merged:
+            y_TO = self.experts.forward_merged(x_GSD, routing.merge_GE).reshape(x_TD.shape[0], -1)
+        elif routing.is_soft:
+            y_TO = self._combine_soft(x_GSD, routing)
+        else:
+            y_TO = self._combine_sparse(x_TD, routing)
+        if routing.residual_T is not None:
+            y_TO = y_TO + routing.residual_T.to(y_TO.dtype)[:, None] * x_TD
         y_TO = y_TO[:T]
         if self.shared_experts is not None:
             x_real = x_TD[:T]

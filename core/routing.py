@@ -54,6 +54,10 @@ class Routing:
         scores_GSE: router probabilities (for losses and analytics).
         mask_GS: valid-token mask (False: padding), or None when every token is valid.
         dispatch_GSEP, combine_GSEP: soft weights (soft only).
+        merge_GE: expert-merging weights (SMEAR, Lory): each group runs one FFN whose parameters
+            are ``Σ_e merge[g,e]·θ_e``; no assignments.
+        residual_T: optional per-token weight r of the input added to the output, ``y += r·x``
+            (BASE layers' ``σ(x·w_a) f(x) + (1 − σ(x·w_a)) x``).
     """
 
     num_groups: int
@@ -68,6 +72,8 @@ class Routing:
     mask_GS: torch.Tensor | None = None
     dispatch_GSEP: torch.Tensor | None = None
     combine_GSEP: torch.Tensor | None = None
+    merge_GE: torch.Tensor | None = None
+    residual_T: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -75,17 +81,21 @@ class Routing:
         return self.dispatch_GSEP is not None
 
     @property
+    def is_merged(self) -> bool:
+        return self.merge_GE is not None
+
+    @property
     def num_tokens(self) -> int:
         return self.num_groups * self.group_size
 
     @property
     def num_kept(self) -> int:
-        return 0 if self.is_soft else int(self.token_idx_N.numel())
+        return 0 if (self.is_soft or self.is_merged) else int(self.token_idx_N.numel())
 
     @property
     def num_dropped(self) -> torch.Tensor:
         """Dropped choices (a tensor, so reading it does not force a host sync)."""
-        if self.is_soft:
+        if self.is_soft or self.is_merged:
             return torch.zeros(())
         return torch.as_tensor(self.num_choices, device=self.token_idx_N.device) - self.token_idx_N.numel()
 
@@ -93,6 +103,8 @@ class Routing:
         """E counts of assignments (soft routings: total dispatch mass per expert)."""
         if self.is_soft:
             return self.dispatch_GSEP.detach().sum(dim=(0, 1, 3))
+        if self.is_merged:
+            return self.merge_GE.detach().sum(0) * self.group_size
         return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
 
     def slot_idx_N(self) -> torch.Tensor:
@@ -108,6 +120,9 @@ class Routing:
         """
         if self.is_soft:
             return self.dispatch_GSEP, self.combine_GSEP
+        if self.is_merged:
+            raise ValueError("a merged routing (SMEAR/Lory) mixes parameters, not tokens: it has no "
+                             "dispatch/combine tensors; read merge_GE instead.")
         G, S, E = self.num_groups, self.group_size, self.num_experts
         slot_N = self.slot_idx_N()
         if self.capacity is not None:
