@@ -73,9 +73,11 @@ class TopKRouter(Router):
 
     @property
     def is_causal(self) -> bool:
-        # BPR reorders the whole group by gate value before filling buffers, so a later token can
-        # take an earlier token's slot.
-        return not (self.batch_priority and self.capacity_factor is not None)
+        # With a capacity, a later token can take an earlier token's slot: buffers fill K-major (a
+        # later token's 1st choice before an earlier token's 2nd), and BPR reorders the whole group.
+        if self.capacity_factor is None:
+            return True
+        return self.top_k == 1 and not self.batch_priority
 
     def capacity(self, group_size: int) -> int | None:
         if self.capacity_factor is None:

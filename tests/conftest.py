@@ -1,0 +1,48 @@
+"""Shared test helpers: the router configs of ``conf/router/`` by name.
+
+Any test that takes a ``router_name`` argument is run once per ``conf/router/*.yaml`` (a new router
+file is picked up without editing the tests); ``make_router(name)`` instantiates that config into the
+partial ``router(dim=D, num_experts=E)`` the MoE layer calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROUTER_CONF_DIR = CONF_DIR / "router"
+
+
+def router_names() -> list[str]:
+    return sorted(p.stem for p in ROUTER_CONF_DIR.glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def router_config(name: str) -> DictConfig:
+    """The router config as Hydra composes it (files with a ``defaults`` list, e.g. aliases, included)."""
+    cfg = OmegaConf.load(ROUTER_CONF_DIR / f"{name}.yaml")
+    if "defaults" not in cfg:
+        return cfg
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(overrides=[f"+router={name}"]).router
+
+
+def make_router_partial(name: str):
+    return hydra.utils.instantiate(router_config(name))
+
+
+def pytest_generate_tests(metafunc):
+    if "router_name" in metafunc.fixturenames:
+        metafunc.parametrize("router_name", router_names())
+
+
+@pytest.fixture
+def make_router():
+    """``make_router(name)`` -> the instantiated (partial) router config ``conf/router/<name>.yaml``."""
+    return make_router_partial
