@@ -110,3 +110,60 @@ def global_entropy_loss(
     m_GS = _mask(mask_GS, probs_GSE)
     mean_GE = (probs_GSE * m_GS[..., None]).sum(1) / m_GS.sum(1, keepdim=True).clamp_min(1.0)
     return torch.relu(tau - _entropy(mean_GE)).mean()
+
+
+def null_aware_switch_loss(
+    probs_GSX: torch.Tensor,
+    expert_idx_GSK: torch.Tensor,
+    num_null: int,
+    mask_GS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AdaMoE's Switch loss over n true + m null experts, ``X · Σ_x f̂_x P_x`` with X = n + m.
+
+    The last ``num_null`` columns of ``probs_GSX`` are null experts. Their routed fractions f are
+    replaced by their mean (all null experts share one averaged bucket; Zeng et al., Findings of
+    EMNLP 2024, reference code exp_1), so the loss balances the true experts and the *total* null
+    usage without forcing each null expert to be used equally. 1.0 at uniform routing; callers
+    scale it by ~1e-3.
+    """
+    X = probs_GSX.shape[-1]
+    if not 0 <= num_null < X:
+        raise ValueError(f"num_null={num_null} is not allowed: it must be in [0, {X - 1}].")
+    m_GS = _mask(mask_GS, probs_GSX)
+    n_GS1 = m_GS.sum(1, keepdim=True).clamp_min(1.0)
+    onehot_GSX = torch.zeros_like(probs_GSX).scatter_add_(
+        -1, expert_idx_GSK, torch.ones_like(expert_idx_GSK, dtype=probs_GSX.dtype)
+    )
+    f_GX = (onehot_GSX * m_GS[..., None]).sum(1) / (n_GS1 * expert_idx_GSK.shape[-1])
+    if num_null:
+        f_null_G1 = f_GX[:, X - num_null:].mean(-1, keepdim=True)
+        f_GX = torch.cat([f_GX[:, :X - num_null], f_null_G1.expand(-1, num_null)], dim=-1)
+    P_GX = (probs_GSX * m_GS[..., None]).sum(1) / n_GS1
+    return (X * (f_GX * P_GX).sum(-1)).mean()
+
+
+def modality_entropy_losses(
+    probs_GSE: torch.Tensor,
+    modality_GS: torch.Tensor,
+    num_modalities: int,
+    mask_GS: torch.Tensor | None = None,
+    thresholds: list[float | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """LIMoE's entropy losses per token group (modality): ``local_<m>`` and ``global_<m>`` for
+    every modality id m in ``[0, num_modalities)`` present in ``modality_GS`` (Mustafa et al.,
+    NeurIPS 2022), averaged over the groups that hold modality m. ``thresholds[m]`` is the global loss's τ for modality m (LIMoE: log of the
+    smallest number of experts that modality should use; None: log E). Unweighted."""
+    if thresholds is not None and len(thresholds) != num_modalities:
+        raise ValueError(f"thresholds has {len(thresholds)} entries; num_modalities={num_modalities} are needed.")
+    valid_GS = torch.ones_like(modality_GS, dtype=torch.bool) if mask_GS is None else mask_GS.bool()
+    out: dict[str, torch.Tensor] = {}
+    for m in range(num_modalities):
+        m_GS = valid_GS & (modality_GS == m)
+        # only groups that hold modality m: an empty group would add a constant τ to the global loss
+        has_G = m_GS.any(1)
+        if not bool(has_G.any()):
+            continue
+        tau = None if thresholds is None else thresholds[m]
+        out[f"local_{m}"] = local_entropy_loss(probs_GSE[has_G], m_GS[has_G])
+        out[f"global_{m}"] = global_entropy_loss(probs_GSE[has_G], m_GS[has_G], tau)
+    return out
