@@ -172,12 +172,15 @@ def select_expert_choice(
     token_N = (top_tok_GEC + torch.arange(G, device=dev)[:, None, None] * S).reshape(-1)
     expert_N = torch.arange(E, device=dev)[None, :, None].expand(G, E, C).reshape(-1)
     weight_N = gates_GSE.reshape(G * S, E)[token_N, expert_N]
+    num_choices: int | torch.Tensor = G * E * C
+    if mask_GS is not None:  # an expert cannot choose padding: slots beyond the valid tokens are not drops
+        num_choices = (mask_GS.sum(1).clamp(max=C) * E).sum()
     if invalid_GSE is not None:
         keep_N = top_val_GEC.reshape(-1) > float("-inf")
         token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
     return Routing(
         num_groups=G, group_size=S, num_experts=E,
         token_idx_N=token_N, expert_idx_N=expert_N, weight_N=weight_N,
-        capacity=C, num_choices=G * E * C,
+        capacity=C, num_choices=num_choices,
         scores_GSE=gates_GSE if scores_GSE is None else scores_GSE, mask_GS=mask_GS,
     )

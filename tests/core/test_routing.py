@@ -118,6 +118,7 @@ def test_expert_choice_respects_mask_and_eligibility():
     counts = torch.zeros(2, 3, dtype=torch.long)
     counts.index_put_((routing.token_idx_N // 6, routing.expert_idx_N), torch.ones_like(routing.token_idx_N), accumulate=True)
     assert counts.tolist() == [[3, 3, 3], [1, 1, 1]]  # min(C, valid tokens)
+    assert int(routing.num_choices) == 12 and int(routing.num_dropped) == 0  # padding is not a drop
     eligible = g > 0.3
     routing = select_expert_choice(g, g, capacity=3, eligible_GSE=eligible)
     assert eligible.reshape(-1, 3)[routing.token_idx_N, routing.expert_idx_N].all()
