@@ -47,6 +47,19 @@ def fine_grained_experts(num_experts: int, hidden_features: int, granularity: in
             "num_shared_experts": Ks}
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
+    rejects the expanded gradient that a ``.sum()`` loss sends."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _lora_pair(E: int, fan_in: int, rank: int, fan_out: int, dd: dict) -> tuple[nn.Parameter, nn.Parameter]:
     bound = 1.0 / math.sqrt(fan_in)
     a = nn.Parameter(torch.empty(E, fan_in, rank, **dd).uniform_(-bound, bound))
@@ -108,8 +121,8 @@ class LoRAExperts(nn.Module):
             w % step == 0 for w in (a_EIR.shape[1], self.rank, b_ERO.shape[2]))
         if grouped and x_NI.shape[0]:
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            u_NR = _grouped_mm(x_NI.contiguous(), a_EIR.to(dt), offs=offs_E)
-            return self.scaling * _grouped_mm(u_NR.contiguous(), b_ERO.to(dt), offs=offs_E)
+            u_NR = _ContiguousGrad.apply(_grouped_mm(x_NI.contiguous(), a_EIR.to(dt), offs=offs_E))
+            return self.scaling * _ContiguousGrad.apply(_grouped_mm(u_NR.contiguous(), b_ERO.to(dt), offs=offs_E))
         outs, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             outs.append((x_NI[start:start + n] @ a_EIR[e].to(dt)) @ b_ERO[e].to(dt))
