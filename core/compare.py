@@ -1,0 +1,209 @@
+"""The cross-domain router comparison: ``python -m core.compare DIR... [--out DIR]``.
+
+Reads every ``metrics.json`` under the given run or multirun directories (any domain), groups runs
+by (domain, router), and writes a Markdown table, a CSV and one PNG per domain (task quality
+against training throughput). Rows are routers (``none`` is the dense baseline); columns are
+domain × metric; a cell is ``mean ± std`` over seeds, ``n/a`` where the router does not apply to
+the domain (a run that recorded ``status: n/a``) and blank where it was not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# Task-quality metric per domain: candidates in order, and whether higher is better.
+QUALITY = {
+    "vision": (["test_acc"], True),
+    "recsys": (["test_auc_mean", "test_mse_mean", "val_auc_mean", "val_mse_mean"], None),
+    "multimodal": (["zeroshot_acc", "val_i2t_r1", "val_t2i_r1"], True),
+    "nlp": (["val_ppl", "val_perplexity"], False),
+}
+# Columns shown for every domain after the quality metric: (metrics.json key, header, format).
+COMMON = [
+    ("examples_per_s", "ex/s", "{:.0f}"),
+    ("params_active", "active params", "{:.3g}"),
+    ("load_cv2", "load CV²", "{:.3f}"),
+    ("dropped_fraction", "dropped", "{:.3f}"),
+]
+NA = "n/a"
+
+
+def find_runs(paths: list[str | Path]) -> list[dict]:
+    """Every ``metrics.json`` below ``paths`` (a run directory or a multirun tree)."""
+    runs = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist: pass run or multirun directories that hold metrics.json files.")
+        files = [root] if root.is_file() else sorted(root.rglob("metrics.json"))
+        for f in files:
+            try:
+                m = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                print(f"warning: skipping unreadable {f}: {err}", file=sys.stderr)
+                continue
+            if "domain" not in m or "router" not in m:
+                print(f"warning: skipping {f}: it names no domain or router", file=sys.stderr)
+                continue
+            m["_path"] = str(f.parent)
+            runs.append(m)
+    return runs
+
+
+def quality_key(domain: str, runs: list[dict]) -> tuple[str | None, bool]:
+    """The quality metric present in this domain's runs and whether higher is better."""
+    candidates, higher = QUALITY.get(domain, ([], True))
+    for run in runs:
+        if isinstance(run.get("primary_metric"), str):
+            key = run["primary_metric"]
+            return key, bool(run.get("primary_metric_higher_is_better", True))
+    for key in candidates:
+        if any(isinstance(r.get(key), (int, float)) for r in runs):
+            if higher is None:
+                higher = "auc" in key or "acc" in key
+            return key, higher
+    return None, True
+
+
+def row_label(run: dict) -> str:
+    label = str(run["router"])
+    if run.get("noncausal"):
+        label += " (non-causal)"
+    return label
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float], spec: str) -> str:
+    mean, std = _mean_std(values)
+    text = spec.format(mean)
+    return text if std is None else f"{text} ± {spec.format(std)}"
+
+
+def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]], dict]:
+    """Header, rows and the raw cell values ``{(router, domain, key): [values]}``."""
+    by_domain: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_domain[r["domain"]].append(r)
+    domains = sorted(by_domain)
+    columns: list[tuple[str, str, str, str]] = []  # (domain, key, header, fmt)
+    for d in domains:
+        key, higher = quality_key(d, by_domain[d])
+        if key is not None:
+            arrow = "↑" if higher else "↓"
+            columns.append((d, key, f"{d} {key} {arrow}", "{:.4f}"))
+        columns += [(d, k, f"{d} {h}", f) for k, h, f in COMMON]
+    values: dict = defaultdict(list)
+    not_applicable: set = set()
+    routers: set[str] = set()
+    for r in runs:
+        label = row_label(r)
+        routers.add(label)
+        if r.get("status") == NA:
+            not_applicable.add((label, r["domain"]))
+            continue
+        for d, key, _, _ in columns:
+            if d == r["domain"] and isinstance(r.get(key), (int, float)) and math.isfinite(r[key]):
+                values[(label, d, key)].append(float(r[key]))
+    order = sorted(routers, key=lambda x: (x != "none", x))
+    header = ["router", "seeds"] + [c[2] for c in columns]
+    rows = []
+    for label in order:
+        seeds = {len(values[(label, d, k)]) for d, k, _, _ in columns if values.get((label, d, k))}
+        row = [label, str(max(seeds)) if seeds else "0"]
+        for d, key, _, spec in columns:
+            if (label, d) in not_applicable and not values.get((label, d, key)):
+                row.append(NA)
+            elif values.get((label, d, key)):
+                row.append(_fmt(values[(label, d, key)], spec))
+            else:
+                row.append("")
+        rows.append(row)
+    return header, rows, {"columns": columns, "values": values, "domains": domains}
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(raw: dict, out_dir: Path) -> list[Path]:
+    """One PNG per domain: quality (mean, ± std bars) against training examples/s, one point per router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    values = raw["values"]
+    for d in raw["domains"]:
+        qcols = [c for c in raw["columns"] if c[0] == d and c[1] not in {k for k, _, _ in COMMON}]
+        if not qcols:
+            continue
+        qkey = qcols[0][1]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for (label, dom, key), qs in sorted(values.items()):
+            if dom != d or key != qkey:
+                continue
+            speeds = values.get((label, d, "examples_per_s"))
+            if not speeds:
+                continue
+            qm, qs_std = _mean_std(qs)
+            sm, ss_std = _mean_std(speeds)
+            ax.errorbar(sm, qm, yerr=qs_std or 0, xerr=ss_std or 0, fmt="o", capsize=3)
+            ax.annotate(label, (sm, qm), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("training examples/s")
+        ax.set_ylabel(qkey)
+        ax.set_title(f"{d}: quality vs throughput")
+        ax.grid(alpha=0.3)
+        path = out_dir / f"compare_{d}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def compare(paths: list[str | Path], out_dir: str | Path) -> dict:
+    """Write ``compare.md``, ``compare.csv`` and ``compare_<domain>.png`` into ``out_dir``."""
+    runs = find_runs(paths)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.json with a domain and a router found under {[str(p) for p in paths]}.")
+    header, rows, raw = build_table(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(header, rows)
+    (out / "compare.md").write_text(markdown)
+    with open(out / "compare.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    plots = plot(raw, out)
+    return {"markdown": markdown, "header": header, "rows": rows, "plots": plots, "num_runs": len(runs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", help="run or multirun directories (searched for metrics.json)")
+    parser.add_argument("--out", default="comparison", help="directory for compare.md, compare.csv and the plots")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.dirs, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"{result['num_runs']} runs; wrote {args.out}/compare.md, compare.csv and {len(result['plots'])} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
