@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,3 +47,13 @@ def pytest_generate_tests(metafunc):
 def make_router():
     """``make_router(name)`` -> the instantiated (partial) router config ``conf/router/<name>.yaml``."""
     return make_router_partial
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: on a busy machine, OpenMP threads spin-wait
+    for each other longer than the work takes. Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,6 +10,9 @@ import torch
 
 from core import losses
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GATES = torch.tensor([[0.5, 0.4, 0.1], [0.3, 0.3, 0.4], [0.1, 0.2, 0.7], [0.8, 0.2, 0.0]])
 LOAD_LOGITS = torch.tensor([[0.9, 0.06, 0.04], [0.7, 0.18, 0.12], [0.85, 0.05, 0.1]])
 LOAD_NOISE = torch.tensor([[-0.037, 0.026, -0.018], [-0.074, 0.045, -0.015], [-0.067, -0.059, 0.073]])

@@ -19,6 +19,9 @@ from core.routers.expert_choice import ExpertChoiceRouter
 from core.routers.topk import TopKRouter
 from core.routing import Routing
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, F = 16, 32
 
 

@@ -10,7 +10,6 @@ sparse side's marginal within 1e-4 relative (it is exact by construction).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -23,6 +22,9 @@ from core.routers.expert_choice import ExpertChoiceRouter
 from core.routers.topk import TopKRouter
 from core.routing import Routing
 from core.transport import ksparse_plan, project_ksparse_simplex, sinkhorn_plan
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 16
 # (G, S, E, masked): S a multiple of E and E even (BASE layers, hierarchical routing need them)

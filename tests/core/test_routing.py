@@ -9,6 +9,9 @@ import torch
 from core.routers.base import compute_capacity, select_expert_choice, select_token_choice
 from core.routing import Routing, positions_in_segment
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TC_GATES = torch.tensor([[0.4, 0.0, 0.2], [0.5, 0.1, 0.4], [0.3, 0.2, 0.6]])
 TC_VANILLA = torch.tensor([
     [[0.4, 0.0], [0.0, 0.0], [0.0, 0.2]],
@@ -116,7 +119,8 @@ def test_expert_choice_respects_mask_and_eligibility():
     routing = select_expert_choice(g, g, capacity=3, mask_GS=mask)
     assert mask.reshape(-1)[routing.token_idx_N].all()
     counts = torch.zeros(2, 3, dtype=torch.long)
-    counts.index_put_((routing.token_idx_N // 6, routing.expert_idx_N), torch.ones_like(routing.token_idx_N), accumulate=True)
+    ones = torch.ones_like(routing.token_idx_N)
+    counts.index_put_((routing.token_idx_N // 6, routing.expert_idx_N), ones, accumulate=True)
     assert counts.tolist() == [[3, 3, 3], [1, 1, 1]]  # min(C, valid tokens)
     assert int(routing.num_choices) == 12 and int(routing.num_dropped) == 0  # padding is not a drop
     eligible = g > 0.3
