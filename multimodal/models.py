@@ -1,0 +1,543 @@
+"""CLIP-MoE and LIMoE built on open_clip.
+
+CLIP-MoE: an open_clip ``CLIP`` (two towers, built by ``open_clip.create_model`` from the model JSON in
+``multimodal/model_configs``) whose tower MLPs ``visual.transformer.resblocks[i].mlp`` and
+``transformer.resblocks[i].mlp`` are replaced by core MoE layers after construction; sparse upcycling
+copies each dense MLP into every expert (Komatsuzaki et al., ICLR 2023; CLIP-MoE, Zhang et al.,
+EMNLP 2025, upcycles OpenAI CLIP this way before its multistage training). Text padding (token id 0)
+is kept out of routing and out of the load statistics.
+
+LIMoE (Mustafa et al., "Multimodal Contrastive Learning with LIMoE: the Language-Image Mixture of
+Experts", NeurIPS 2022): one shared transformer for image patches and text tokens, with
+modality-specific embeddings, final norms and projections. Attention runs per modality (full for
+images, causal for text, as in CLIP); each MoE layer routes the image and text tokens of the whole
+batch together in one group, so both modalities compete for the same experts. Training adds the
+per-modality local entropy ``mean_x H(p(x))`` and thresholded global entropy
+``max(0, log S_min − H(mean_x p(x)))`` losses (ROUTERS.md §3) to the routers' auxiliary losses.
+
+Legend: B batch, L text length, P image tokens per image (patches + class token), T tokens, D width,
+E experts, M modalities (0 image, 1 text).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import Transformer
+from torch import nn
+
+from core import losses
+from core.moe import MoE
+from core.routers.base import Router
+from core.surgery import load_dense_state_dict, replace_mlps_with_moe
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MODALITIES = ("image", "text")
+
+
+def register_model_configs() -> list[str]:
+    """Register the JSON architectures of ``multimodal/model_configs`` with open_clip (once)."""
+    names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+    if not set(names) <= set(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return names
+
+
+def _moe_block_weight_dtype(block: nn.Module) -> torch.dtype:
+    # open_clip reads the cast dtype from ``resblocks[0].mlp.c_fc``, which an MoE layer does not have.
+    return block.mlp.experts.w1_EDF.dtype
+
+
+def convert_blocks(
+    transformer: nn.Module,
+    placement="every_other",
+    *,
+    num_last: int | None = None,
+    num_experts: int,
+    router: Callable[..., Router] | Router | None = None,
+    upcycle: bool = False,
+    group_size: int | None = None,
+    num_shared_experts: int = 0,
+    expert_impl: str = "auto",
+) -> list[MoE]:
+    """Replace ``transformer.resblocks[i].mlp`` (open_clip ``c_fc``/``gelu``/``c_proj``) by MoE layers.
+
+    Args:
+        transformer: an open_clip ``Transformer``.
+        placement: ``core.surgery`` placement (``every_other``, ``last_n``, ``last_half``, ``all``, a
+            list of block indices) or ``"none"``.
+        num_last: n for ``last_n``.
+        num_experts, router, upcycle, group_size, num_shared_experts, expert_impl: see ``MoE`` and
+            ``core.surgery.replace_mlps_with_moe``.
+    """
+    if placement is None or placement == "none":
+        return []
+    if not isinstance(placement, str):
+        placement = [int(i) for i in placement]
+    blocks = transformer.resblocks
+    indices = replace_mlps_with_moe(
+        blocks, placement, num_experts=num_experts, router=router, num_last=num_last, upcycle=upcycle,
+        group_size=group_size, num_shared_experts=num_shared_experts, expert_impl=expert_impl)
+    for i in indices:
+        if hasattr(blocks[i], "get_weight_dtype"):
+            blocks[i].get_weight_dtype = types.MethodType(_moe_block_weight_dtype, blocks[i])
+    return [blocks[i].mlp for i in indices]
+
+
+class TextPaddingMask(nn.Module):
+    """Passes ``mask = (text != pad_id)`` to the MoE layers of a CLIP text tower.
+
+    open_clip's text blocks call ``mlp(x)`` with no mask. Hooks set here read the token ids when
+    ``token_embedding`` runs, hand the mask to every text MoE layer as ``mask=`` and drop it when the
+    text transformer is done, so padding takes no expert capacity and never enters the statistics.
+
+    Args:
+        pad_id: the padding token id (open_clip's tokenizer pads with 0).
+    """
+
+    def __init__(self, pad_id: int = 0):
+        super().__init__()
+        self.pad_id = pad_id
+        self.current: torch.Tensor | None = None
+
+    def attach(self, clip: nn.Module, moe_layers: Sequence[MoE]) -> None:
+        clip.token_embedding.register_forward_pre_hook(self._capture)
+        for layer in moe_layers:
+            layer.register_forward_pre_hook(self._inject, with_kwargs=True)
+        clip.transformer.register_forward_hook(self._release)
+
+    def _capture(self, module, args):
+        self.current = args[0] != self.pad_id
+
+    def _inject(self, module, args, kwargs):
+        if self.current is None or kwargs.get("mask") is not None:
+            return None
+        x = args[0] if args else kwargs["x"]
+        if tuple(self.current.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"text padding mask of shape {tuple(self.current.shape)} does not match the "
+                             f"text tokens {tuple(x.shape[:-1])}; call the model through encode_text.")
+        return args, {**kwargs, "mask": self.current}
+
+    def _release(self, module, args, output):
+        self.current = None
+
+
+def create_clip(model_name: str = "mm-clip-tiny-p4-32", checkpoint: str | None = None, **kwargs) -> nn.Module:
+    """A dense open_clip CLIP from a registered JSON architecture (no download).
+
+    Args:
+        model_name: JSON stem in ``multimodal/model_configs`` or any open_clip architecture.
+        checkpoint: optional path of a state dict (``torch.save(model.state_dict())``) to load.
+        kwargs: passed to ``open_clip.create_model`` (e.g. ``force_context_length``).
+    """
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"model_name={model_name!r} is not an open_clip architecture; registered here: "
+                         f"{register_model_configs()}.")
+    model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+    if checkpoint is not None:
+        model.load_state_dict(load_state_dict(checkpoint))
+    return model
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a run directory or checkpoint of ``core.engine`` or a plain ``torch.save``d
+    state dict."""
+    from core.engine import find_checkpoint
+
+    path = Path(path)
+    if path.is_dir() or path.read_bytes()[:8] == b"MOECKPT1":
+        _, payload = find_checkpoint(str(path), path)
+        return payload["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def convert_clip_to_moe(
+    model: nn.Module,
+    *,
+    num_experts: int = 4,
+    router: Callable[..., Router] | Router | None = None,
+    vision_layers="every_other",
+    text_layers="every_other",
+    vision_num_last: int | None = None,
+    text_num_last: int | None = None,
+    upcycle: bool = False,
+    group_size: int | None = None,
+    num_shared_experts: int = 0,
+    expert_impl: str = "auto",
+) -> nn.Module:
+    """Turn the tower MLPs of an open_clip ``CLIP`` into MoE layers, in place; returns the model.
+
+    Args:
+        model: an open_clip ``CLIP`` with ViT image tower and the built-in text tower.
+        num_experts: E per MoE layer.
+        router: partial ``router(dim=D, num_experts=E)`` (one router per layer) or a shared ``Router``.
+        vision_layers, text_layers: which blocks of each tower (``convert_blocks`` placements).
+        vision_num_last, text_num_last: n for the ``last_n`` placement.
+        upcycle: copy each dense MLP into all its experts (sparse upcycling).
+        group_size: tokens per routing group; None routes each image / caption as one group.
+        num_shared_experts: always-on experts per layer.
+        expert_impl: ``Experts`` implementation.
+    """
+    if not (hasattr(model, "visual") and hasattr(getattr(model.visual, "transformer", None), "resblocks")):
+        raise ValueError(f"model={type(model).__name__} has no ViT image tower (visual.transformer.resblocks).")
+    if not hasattr(model, "token_embedding"):
+        raise ValueError(f"model={type(model).__name__} is not a CLIP with the built-in text tower "
+                         "(CustomTextCLIP / HF text towers are not supported).")
+    kw = dict(num_experts=num_experts, router=router, upcycle=upcycle, group_size=group_size,
+              num_shared_experts=num_shared_experts, expert_impl=expert_impl)
+    for layer in convert_blocks(model.visual.transformer, vision_layers, num_last=vision_num_last, **kw):
+        layer.modality = "image"
+    text_moes = convert_blocks(model.transformer, text_layers, num_last=text_num_last, **kw)
+    for layer in text_moes:
+        layer.modality = "text"
+    if text_moes:
+        if any(getattr(layer.router, "needs_token_ids", False) for layer in text_moes):
+            raise ValueError(f"router {type(text_moes[0].router).__name__} needs token ids, which CLIP's "
+                             "text blocks do not pass to their MLP; use a router without needs_token_ids.")
+        model.text_padding_mask = TextPaddingMask(pad_id=0)
+        model.text_padding_mask.attach(model, text_moes)
+    return model
+
+
+def create_clip_moe(
+    model_name: str = "mm-clip-tiny-p4-32",
+    *,
+    num_experts: int = 4,
+    router: Callable[..., Router] | Router | None = None,
+    default_router: Callable[..., Router] | None = None,
+    vision_layers="every_other",
+    text_layers="every_other",
+    vision_num_last: int | None = None,
+    text_num_last: int | None = None,
+    upcycle: bool = False,
+    dense_checkpoint: str | None = None,
+    group_size: int | None = None,
+    num_shared_experts: int = 0,
+    expert_impl: str = "auto",
+) -> nn.Module:
+    """An open_clip CLIP built from its JSON, then converted to CLIP-MoE.
+
+    Args:
+        model_name: open_clip architecture (MoE settings stay out of its JSON).
+        num_experts: E per MoE layer.
+        router: the router (``+router=...``); None falls back to ``default_router``.
+        default_router: the model's own router when none is given (CLIP-MoE: top-2, renormalised).
+        vision_layers, text_layers: placement (``convert_blocks``); ``none`` keeps a tower dense.
+        vision_num_last, text_num_last: n for the ``last_n`` placement.
+        upcycle: copy the (freshly initialised) dense MLPs into every expert.
+        dense_checkpoint: run directory / checkpoint of the dense parent (``model=clip``): sparse
+            upcycling, every expert starts as its block's trained MLP (``core.surgery``).
+        group_size: tokens per routing group.
+        num_shared_experts: always-on experts per layer.
+        expert_impl: ``Experts`` implementation.
+    """
+    model = convert_clip_to_moe(
+        create_clip(model_name), num_experts=num_experts, router=router if router is not None else default_router,
+        vision_layers=vision_layers, text_layers=text_layers, vision_num_last=vision_num_last,
+        text_num_last=text_num_last, upcycle=upcycle, group_size=group_size,
+        num_shared_experts=num_shared_experts, expert_impl=expert_impl,
+    )
+    if dense_checkpoint is not None:
+        load_dense_state_dict(model, load_state_dict(dense_checkpoint))
+    return model
+
+
+def upcycle_clip(dense: nn.Module, **kwargs) -> nn.Module:
+    """A CLIP-MoE whose experts are copies of ``dense``'s MLPs; ``dense`` itself is left untouched.
+
+    ``kwargs`` are those of ``convert_clip_to_moe`` (``upcycle`` is forced on).
+    """
+    kwargs["upcycle"] = True
+    return convert_clip_to_moe(copy.deepcopy(dense), **kwargs)
+
+
+class LIMoE(nn.Module):
+    """One transformer for image patches and text tokens, MoE layers routing both in one group.
+
+    ``forward(image, text)`` returns open_clip's ``(image_features, text_features, logit_scale.exp())``
+    with L2-normalised features, so open_clip's ``ClipLoss`` applies unchanged.
+
+    Args:
+        embed_dim: width of the shared contrastive space.
+        image_size: input images are ``image_size × image_size`` RGB.
+        patch_size: ViT patch size.
+        context_length: L, text tokens per caption.
+        vocab_size: token vocabulary (open_clip's tokenizer: 49408).
+        width: D, the shared transformer's width.
+        layers: shared transformer depth.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / D.
+        pad_id: padding token id (kept out of attention keys of real tokens by the causal mask and out
+            of routing by the MoE mask).
+        num_experts: E per MoE layer.
+        router: partial ``router(dim=D, num_experts=E)``; None: ``default_router``.
+        default_router: LIMoE's own router when none is given (top-1, batch priority).
+        moe_layers: which blocks get an MoE MLP (``convert_blocks`` placements).
+        moe_num_last: n for the ``last_n`` placement.
+        group_size: tokens per routing group; None: the whole batch, both modalities, one group.
+        num_shared_experts: always-on experts per MoE layer.
+        local_entropy_weight: λ_local for (image, text); 0 turns the loss off.
+        global_entropy_weight: λ_global for (image, text); 0 turns the loss off.
+        global_min_experts: S_min per modality (τ = log S_min); null: E (no threshold).
+        init_logit_scale: initial log temperature (CLIP: log(1/0.07)).
+        expert_impl: ``Experts`` implementation.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        image_size: int = 32,
+        patch_size: int = 4,
+        context_length: int = 32,
+        vocab_size: int = 49408,
+        width: int = 96,
+        layers: int = 4,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        pad_id: int = 0,
+        num_experts: int = 4,
+        router: Callable[..., Router] | Router | None = None,
+        default_router: Callable[..., Router] | None = None,
+        moe_layers="every_other",
+        moe_num_last: int | None = None,
+        group_size: int | None = None,
+        num_shared_experts: int = 0,
+        local_entropy_weight: Sequence[float] = (0.0, 0.0),
+        global_entropy_weight: Sequence[float] = (0.0, 0.0),
+        global_min_experts: Sequence[float | None] = (None, None),
+        init_logit_scale: float = math.log(1 / 0.07),
+        expert_impl: str = "auto",
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}.")
+        for name, value in (("local_entropy_weight", local_entropy_weight),
+                            ("global_entropy_weight", global_entropy_weight),
+                            ("global_min_experts", global_min_experts)):
+            if len(value) != 2:
+                raise ValueError(f"{name}={list(value)!r} is not allowed: give one value per modality (image, text).")
+        for s in global_min_experts:
+            if s is not None and not 1 <= s <= num_experts:
+                raise ValueError(f"global_min_experts={list(global_min_experts)!r} is not allowed: "
+                                 f"each must be null or in [1, num_experts={num_experts}].")
+        self.context_length, self.pad_id = context_length, pad_id
+        grid = image_size // patch_size
+        scale = width ** -0.5
+        # modality-specific input embeddings
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.image_positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.text_positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, width))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.register_buffer("attn_mask", torch.full((context_length, context_length), float("-inf")).triu_(1),
+                             persistent=False)
+        # the shared (modality-agnostic) transformer: open_clip blocks, driven block part by block part
+        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        # modality-specific heads
+        self.ln_post = nn.LayerNorm(width)
+        self.image_projection = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+        converted = convert_blocks(
+            self.transformer, moe_layers, num_last=moe_num_last, num_experts=num_experts,
+            router=router if router is not None else default_router, group_size=group_size,
+            num_shared_experts=num_shared_experts, expert_impl=expert_impl)
+        for layer in converted:
+            layer.keep_last_routing = True
+            if getattr(layer.router, "needs_token_ids", False):
+                raise ValueError(f"router {type(layer.router).__name__} needs token ids; image patches have none.")
+        self.num_experts = num_experts
+        self.local_entropy_weight = tuple(float(w) for w in local_entropy_weight)
+        self.global_entropy_weight = tuple(float(w) for w in global_entropy_weight)
+        self.global_thresholds = tuple(math.log(num_experts if s is None else s) for s in global_min_experts)
+        # assignments (or soft combine mass) per MoE layer, modality and expert
+        self.register_buffer("modality_tokens_LME", torch.zeros(len(converted), 2, num_experts,
+                                                                dtype=torch.float64), persistent=False)
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """(name, layer) of every MoE layer of the shared transformer, in depth order."""
+        return [(f"transformer.resblocks.{i}.mlp", b.mlp) for i, b in enumerate(self.transformer.resblocks)
+                if isinstance(b.mlp, MoE)]
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(image).flatten(2).transpose(1, 2)  # B×(grid²)×D
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.image_positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def _text_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        if text.shape[1] > self.context_length:
+            raise ValueError(f"text length {text.shape[1]} exceeds context_length={self.context_length}.")
+        L = text.shape[1]
+        return self.token_embedding(text) + self.text_positional_embedding[:L]
+
+    # -- shared transformer ------------------------------------------------------------------
+    def _run(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None, text: torch.Tensor | None):
+        D = (x_img if x_img is not None else x_txt).shape[-1]
+        n_img = 0 if x_img is None else x_img.shape[0] * x_img.shape[1]
+        valid_T = self._valid_tokens(x_img, text)
+        moe_idx = 0
+        for block in self.transformer.resblocks:
+            if x_img is not None:
+                x_img = x_img + block.ls_1(block.attention(block.ln_1(x_img)))
+            if x_txt is not None:
+                L = x_txt.shape[1]
+                x_txt = x_txt + block.ls_1(block.attention(block.ln_1(x_txt), attn_mask=self.attn_mask[:L, :L]))
+            parts = [x.reshape(-1, D) for x in (x_img, x_txt) if x is not None]
+            h_TD = block.ln_2(torch.cat(parts) if len(parts) > 1 else parts[0])
+            if isinstance(block.mlp, MoE):
+                y_TD = block.mlp(h_TD[None], mask=valid_T[None])[0]
+                self._after_moe(block.mlp, moe_idx, n_img, valid_T)
+                moe_idx += 1
+            else:
+                y_TD = block.mlp(h_TD)
+            y_TD = block.ls_2(y_TD)
+            if x_img is not None:
+                x_img = x_img + y_TD[:n_img].view_as(x_img)
+            if x_txt is not None:
+                x_txt = x_txt + y_TD[n_img:].view_as(x_txt)
+        return x_img, x_txt
+
+    def _valid_tokens(self, x_img, text) -> torch.Tensor:
+        parts = []
+        if x_img is not None:
+            parts.append(torch.ones(x_img.shape[0] * x_img.shape[1], dtype=torch.bool, device=x_img.device))
+        if text is not None:
+            parts.append((text != self.pad_id).reshape(-1))
+        return torch.cat(parts)
+
+    def _after_moe(self, layer: MoE, idx: int, n_img: int, valid_T: torch.Tensor) -> None:
+        routing = layer.last_routing
+        T = valid_T.shape[0]
+        modality_T = torch.ones(T, dtype=torch.long, device=valid_T.device)
+        modality_T[:n_img] = 0
+        if layer.track_stats:
+            self.modality_tokens_LME[idx] += modality_usage_counts(routing, modality_T, valid_T).to(torch.float64)
+        if not self.training:
+            return
+        # the layer may have split the tokens into groups (padding a last one): regroup the masks alike
+        G, S, _ = routing.scores_GSE.shape
+        modality_GS = F.pad(modality_T, (0, G * S - T), value=-1).view(G, S)
+        valid_GS = F.pad(valid_T, (0, G * S - T), value=False).view(G, S)
+        raw = losses.modality_entropy_losses(routing.scores_GSE, modality_GS, len(MODALITIES), valid_GS,
+                                             thresholds=list(self.global_thresholds))
+        terms = {}
+        for m, name in enumerate(MODALITIES):
+            if self.local_entropy_weight[m] and f"local_{m}" in raw:
+                terms[f"local_entropy_{name}"] = self.local_entropy_weight[m] * raw[f"local_{m}"]
+            if self.global_entropy_weight[m] and f"global_{m}" in raw:
+                terms[f"global_entropy_{name}"] = self.global_entropy_weight[m] * raw[f"global_{m}"]
+        if terms:
+            # on the router, so core.collect_aux_loss / aux_loss_terms pick the terms up with the rest
+            merged = dict(layer.router.aux_losses)
+            for k, v in terms.items():
+                merged[k] = merged[k] + v if k in merged else v
+            layer.router.aux_losses = merged
+
+    # -- open_clip-style API -------------------------------------------------------------------
+    def _image_head(self, x_img: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(x_img[:, 0]) @ self.image_projection
+
+    def _text_head(self, x_txt: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        pooled = self.ln_final(x_txt)[torch.arange(text.shape[0], device=text.device), text.argmax(dim=-1)]
+        return pooled @ self.text_projection
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """image: B×3×H×W -> B×embed_dim (image tokens routed alone)."""
+        x_img, _ = self._run(self._image_tokens(image), None, None)
+        f = self._image_head(x_img)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """text: B×L token ids -> B×embed_dim (pooled at the end-of-text token, the largest id)."""
+        _, x_txt = self._run(None, self._text_tokens(text), text)
+        f = self._text_head(x_txt, text)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        """Both modalities through the shared transformer at once (one routing group per MoE layer).
+
+        Returns ``(image_features, text_features, logit_scale.exp())``, features L2-normalised.
+        """
+        x_img, x_txt = self._run(self._image_tokens(image), self._text_tokens(text), text)
+        img = F.normalize(self._image_head(x_img), dim=-1)
+        txt = F.normalize(self._text_head(x_txt, text), dim=-1)
+        return img, txt, self.logit_scale.exp()
+
+
+def create_limoe(**kwargs) -> LIMoE:
+    """Hydra-friendly constructor (lists from the config become tuples)."""
+    for key in ("local_entropy_weight", "global_entropy_weight", "global_min_experts"):
+        if key in kwargs and kwargs[key] is not None:
+            kwargs[key] = tuple(kwargs[key])
+    if "moe_layers" in kwargs and not isinstance(kwargs["moe_layers"], str):
+        kwargs["moe_layers"] = list(kwargs["moe_layers"])
+    return LIMoE(**kwargs)
+
+
+# -- routing by modality --------------------------------------------------------------------------
+
+@torch.no_grad()
+def modality_usage_counts(routing, modality_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """M×E assignments per modality and expert (soft / merged routings: combine mass per expert)."""
+    E = routing.num_experts
+    T = modality_T.shape[0]
+    out = torch.zeros(2, E, device=modality_T.device)
+    if routing.is_soft or routing.is_merged:
+        scores_TE = routing.scores_GSE.reshape(-1, E)[:T].float() * valid_T[:, None]
+        for m in range(2):
+            out[m] = scores_TE[modality_T == m].sum(0)
+        return out
+    keep_N = routing.token_idx_N < T  # drop assignments of the zero tokens padding a last group
+    mod_N = modality_T[routing.token_idx_N[keep_N]]
+    experts_N = routing.expert_idx_N[keep_N]
+    for m in range(2):
+        out[m] = torch.bincount(experts_N[mod_N == m], minlength=E).float()
+    return out
+
+
+def modality_usage(model: nn.Module) -> dict:
+    """Expert usage per modality since the last reset.
+
+    Returns ``{"image": {layer: fractions_E}, "text": {...}, "image_top_expert_share": s,
+    "text_top_expert_share": s}``: fractions of each modality's assignments per expert, and the share
+    of a modality's assignments that go to its most used expert (mean over layers; 1/E is perfectly
+    balanced, 1.0 is collapse onto one expert). CLIP-MoE towers count as their modality; LIMoE
+    splits the shared layers' routing by token modality. Padding never counts.
+    """
+    usage: dict = {name: {} for name in MODALITIES}
+    if isinstance(model, LIMoE):
+        for (name, _), counts_ME in zip(model.moe_layers(), model.modality_tokens_LME):
+            for m, mod in enumerate(MODALITIES):
+                if counts_ME[m].sum() > 0:
+                    usage[mod][name] = (counts_ME[m] / counts_ME[m].sum()).tolist()
+    else:
+        for name, layer in model.named_modules():
+            mod = getattr(layer, "modality", None)
+            if isinstance(layer, MoE) and mod in MODALITIES and layer.stat_tokens_E.sum() > 0:
+                usage[mod][name] = (layer.stat_tokens_E / layer.stat_tokens_E.sum()).tolist()
+    for mod in MODALITIES:
+        shares = [max(v) for v in usage[mod].values()]
+        usage[f"{mod}_top_expert_share"] = sum(shares) / len(shares) if shares else None
+    return usage
+
+
+def reset_modality_usage(model: nn.Module) -> None:
+    if isinstance(model, LIMoE):
+        model.modality_tokens_LME.zero_()
+    for layer in model.modules():
+        if isinstance(layer, MoE):
+            layer.reset_stats()

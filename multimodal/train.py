@@ -1,0 +1,224 @@
+"""Train a dense CLIP, a CLIP-MoE or a LIMoE contrastively on the shared engine (``core.engine``).
+
+``python -m multimodal.train`` trains the default CLIP-MoE (CLIP-MoE's router: top-2 renormalised)
+on OpenMoji + Fashion-MNIST pairs; ``+router=expert_choice`` swaps the router, ``model=clip`` is the
+dense baseline, ``model=limoe`` the one-tower LIMoE (``model.local_entropy_weight=[0,0]
+model.global_entropy_weight=[0,0]`` turns its entropy losses off). ``model=limoe`` is shorthand for
+Hydra's ``model=multimodal/limoe`` (likewise ``data=``).
+
+The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE) plus the routers' auxiliary losses (the
+engine adds them; LIMoE's entropy terms sit on its routers). Evaluation, written to ``metrics.json``:
+
+- ``val_*``: held-out pairs (no image of them was trained on): contrastive loss over the whole
+  held-out set, image→text and text→image recall@1/@5, expert usage per modality and the share of
+  text (image) assignments that go to the most used expert (1/E balanced, 1.0 collapsed);
+- ``zeroshot_acc``: Fashion-MNIST test accuracy from class-name prompts (prompt-ensembled, Radford
+  et al., ICML 2021).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import open_clip
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from open_clip.loss import ClipLoss
+
+from core.engine import Trainer, TrainerConfig, seed_everything
+from multimodal.data import MultimodalData, build_data, labelled_loader, pair_loader
+from multimodal.models import modality_usage, reset_modality_usage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_model", "clip_loss", "make_evaluate", "main", "recall_at_k", "train"]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DOMAIN = "multimodal"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
+
+_clip_loss = ClipLoss()
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    """The model of ``cfg.model`` (its ``router`` key reads the top-level ``router`` group)."""
+    return hydra.utils.instantiate(cfg.model)
+
+
+def is_moe(model: torch.nn.Module) -> bool:
+    from core.moe import MoE
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
+def clip_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """open_clip's ``ClipLoss`` on one batch; the temperature is clamped first, as CLIP does."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+    return _clip_loss(image_features, text_features, logit_scale), {"logit_scale": float(logit_scale.detach())}
+
+
+def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Recall@k of the matching pair (the diagonal) in each row of a similarity matrix."""
+    target = sim_NN.diagonal()[:, None]
+    rank_N = (sim_NN > target).sum(1)  # ties count in the pair's favour
+    return {f"r{k}": float((rank_N < k).float().mean()) for k in ks}
+
+
+def make_evaluate(class_tokens_CTL: torch.Tensor | None):
+    """``evaluate(model, batches)`` for the engine: retrieval batches (``image``, ``text``) or
+    zero-shot batches (``image``, ``label``) against the class prompts ``class_tokens_CTL``
+    (C classes × T templates × L tokens)."""
+
+    @torch.no_grad()
+    def evaluate(model, batches) -> dict:
+        reset_modality_usage(model)
+        img, txt, labels = [], [], []
+        for batch in batches:
+            if "text" in batch:
+                i, t, _ = model(batch["image"], batch["text"])
+                img.append(i)
+                txt.append(t)
+            else:
+                img.append(model.encode_image(batch["image"], normalize=True))
+                labels.append(batch["label"])
+        if not img:
+            return {}
+        image_features = torch.cat(img).float()
+        if labels:
+            C, T, L = class_tokens_CTL.shape
+            dev = image_features.device
+            text_CTE = model.encode_text(class_tokens_CTL.reshape(C * T, L).to(dev), normalize=True).view(C, T, -1)
+            classifier_CE = F.normalize(text_CTE.float().mean(1), dim=-1)
+            pred = (image_features @ classifier_CE.T).argmax(-1)
+            return {"acc": float((pred == torch.cat(labels).to(dev)).float().mean())}
+        text_features = torch.cat(txt).float()
+        scale = model.logit_scale.exp().clamp(max=100.0)
+        sim = image_features @ text_features.T
+        out = {"loss": float(_clip_loss(image_features, text_features, scale))}
+        out.update({f"i2t_{k}": v for k, v in recall_at_k(sim).items()})
+        out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
+        if is_moe(model):
+            usage = modality_usage(model)
+            out["text_top_expert_share"] = usage["text_top_expert_share"]
+            out["image_top_expert_share"] = usage["image_top_expert_share"]
+            out["expert_usage"] = {m: usage[m] for m in ("image", "text")}
+        return out
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _hydra_choice(group: str) -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # not running under @hydra.main
+        return None
+
+
+def router_label(cfg: DictConfig, model: torch.nn.Module) -> str:
+    """The run's row name: ``none (dense)``, the ``+router=`` choice, or the model's own router."""
+    if not is_moe(model):
+        return "none (dense)"
+    if cfg.get("router_name"):
+        return str(cfg.router_name)
+    if cfg.get("router") is None:
+        return f"default ({cfg.model.get('default_router', {}).get('_target_', 'topk').rsplit('.', 1)[-1]})"
+    return _hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
+
+
+def _out_dir(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path("outputs/multimodal/run")
+
+
+def build_loaders(cfg: DictConfig, data: MultimodalData):
+    d = cfg.data
+    train_loader = pair_loader(data.train, d.batch_size, train=True)
+    eval_loaders = {"val": pair_loader(data.val, d.eval_batch_size)}
+    if data.zeroshot is not None:
+        eval_loaders["zeroshot"] = labelled_loader(data.zeroshot, d.eval_batch_size)
+    return train_loader, eval_loaders
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train the model described by ``cfg`` (``conf/multimodal.yaml``); returns the metrics also
+    written to ``metrics.json`` (the resolved ``config.yaml`` lands in the same directory)."""
+    out_dir = _out_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    seed_everything(int(cfg.seed))
+    model = build_model(cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)
+    d = cfg.data
+    data = build_data(
+        tokenizer, sources=list(d.sources), image_size=d.image_size, val_fraction=d.val_fraction,
+        val_sources=list(d.val_sources), limit_train=d.limit_train, limit_eval=d.limit_eval,
+        fashion_mnist_train=d.fashion_mnist_train, zeroshot=d.zeroshot, root=d.root,
+        openmoji_cache=d.get("openmoji_cache"), seed=int(cfg.seed))
+    train_loader, eval_loaders = build_loaders(cfg, data)
+    class_tokens = tokenizer([t.format(c) for c in data.class_names for t in data.templates])
+    class_tokens = class_tokens.view(len(data.class_names), len(data.templates), -1)
+
+    label = router_label(cfg, model)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+    info = {"domain": DOMAIN, "router": label, "model": cfg.get("model_name") or _hydra_choice("model") or "custom",
+            "train_pairs": len(data.train), "val_pairs": len(data.val),
+            "zeroshot_images": 0 if data.zeroshot is None else len(data.zeroshot)}
+    log.info("multimodal: model=%s router=%s, %.2fM parameters, %d training pairs", info["model"], label,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(data.train))
+    trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info)
+    metrics = trainer.fit(model, train_loader, clip_loss, make_evaluate(class_tokens), eval_loaders=eval_loaders)
+    log.info("multimodal: val i2t R@1=%.3f R@5=%.3f t2i R@1=%.3f R@5=%.3f zero-shot=%.3f text top-expert share=%s",
+             metrics.get("val_i2t_r1", float("nan")), metrics.get("val_i2t_r5", float("nan")),
+             metrics.get("val_t2i_r1", float("nan")), metrics.get("val_t2i_r5", float("nan")),
+             metrics.get("zeroshot_acc", float("nan")), metrics.get("val_text_top_expert_share"))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------- command line
+
+
+def expand_domain_choices(args: list[str], domain: str = DOMAIN, groups=("model", "data"),
+                          conf_dir: Path = CONF_DIR) -> list[str]:
+    """``model=limoe`` -> ``model=multimodal/limoe`` when ``conf/model/multimodal/limoe.yaml`` exists
+    (comma-separated sweeps too), so the domain's options can be named without their folder."""
+    out = []
+    for arg in args:
+        m = re.fullmatch(r"(\w+)=([\w,]+)", arg)
+        if m and m.group(1) in groups:
+            options = m.group(2).split(",")
+            if all((conf_dir / m.group(1) / domain / f"{o}.yaml").is_file() for o in options):
+                arg = f"{m.group(1)}=" + ",".join(f"{domain}/{o}" for o in options)
+        out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="multimodal")
+def _hydra_main(cfg: DictConfig) -> float:
+    return train(cfg).get("val_loss", float("nan"))
+
+
+def main() -> None:
+    sys.argv[1:] = expand_domain_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
