@@ -2,9 +2,8 @@
 
 ``python -m multimodal.train`` trains the default CLIP-MoE (CLIP-MoE's router: top-2 renormalised)
 on OpenMoji + Fashion-MNIST pairs; ``+router=expert_choice`` swaps the router, ``model=clip`` is the
-dense baseline, ``model=limoe`` the one-tower LIMoE (``model.local_entropy_weight=[0,0]
-model.global_entropy_weight=[0,0]`` turns its entropy losses off). ``model=limoe`` is shorthand for
-Hydra's ``model=multimodal/limoe`` (likewise ``data=``).
+dense baseline, ``model=limoe`` the one-tower LIMoE (``experiment=multimodal_limoe_no_entropy`` turns
+its entropy losses off). ``model=limoe`` is short for ``model=multimodal/limoe`` (``conf/model/limoe.yaml``).
 
 The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE) plus the routers' auxiliary losses (the
 engine adds them; LIMoE's entropy terms sit on its routers). Evaluation, written to ``metrics.json``:
@@ -20,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import sys
 from pathlib import Path
 
 import hydra
@@ -39,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "clip_loss", "make_evaluate", "main", "recall_at_k", "train"]
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DOMAIN = "multimodal"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -132,7 +128,12 @@ def router_label(cfg: DictConfig, model: torch.nn.Module) -> str:
     if cfg.get("router_name"):
         return str(cfg.router_name)
     if cfg.get("router") is None:
-        return f"default ({cfg.model.get('default_router', {}).get('_target_', 'topk').rsplit('.', 1)[-1]})"
+        r = cfg.model.get("default_router") or {}
+        parts = [str(r.get("_target_", "TopKRouter")).rsplit(".", 1)[-1]]
+        parts += [f"k={r.top_k}"] if "top_k" in r else []
+        parts += ["bpr"] if r.get("batch_priority") else []
+        parts += ["renormalized"] if r.get("renormalize") else []
+        return f"default ({' '.join(parts)})"
     return _hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
 
 
@@ -195,29 +196,9 @@ def train(cfg: DictConfig) -> dict:
 # ----------------------------------------------------------------------------------- command line
 
 
-def expand_domain_choices(args: list[str], domain: str = DOMAIN, groups=("model", "data"),
-                          conf_dir: Path = CONF_DIR) -> list[str]:
-    """``model=limoe`` -> ``model=multimodal/limoe`` when ``conf/model/multimodal/limoe.yaml`` exists
-    (comma-separated sweeps too), so the domain's options can be named without their folder."""
-    out = []
-    for arg in args:
-        m = re.fullmatch(r"(\w+)=([\w,]+)", arg)
-        if m and m.group(1) in groups:
-            options = m.group(2).split(",")
-            if all((conf_dir / m.group(1) / domain / f"{o}.yaml").is_file() for o in options):
-                arg = f"{m.group(1)}=" + ",".join(f"{domain}/{o}" for o in options)
-        out.append(arg)
-    return out
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="multimodal")
-def _hydra_main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float:
     return train(cfg).get("val_loss", float("nan"))
-
-
-def main() -> None:
-    sys.argv[1:] = expand_domain_choices(sys.argv[1:])
-    _hydra_main()
 
 
 if __name__ == "__main__":
