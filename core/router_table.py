@@ -71,27 +71,30 @@ def domains(router: Router) -> list[str]:
 
 
 def _route_once(router: Router, x_GSD: torch.Tensor, kwargs: dict) -> tuple[float, Routing]:
+    sync = torch.cuda.synchronize if x_GSD.is_cuda else (lambda: None)
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
         routing = router(x_GSD, None, **kwargs)
+        sync()
         return time.perf_counter() - t0, routing
 
 
 def router_table(names: list[str] | None = None, group_size: int = 4096, dim: int = 512, num_experts: int = 32,
-                 num_groups: int = 1, rounds: int = 5, seed: int = 0) -> list[dict]:
+                 num_groups: int = 1, rounds: int = 5, seed: int = 0, device: str = "cpu") -> list[dict]:
     """One row per router: name, class, family, domains, median routing time (train and eval mode,
     seconds) and both relative to ``topk``. Rounds are interleaved (every router once per round) so
     that a change in machine load hits all routers alike."""
     names = router_names() if names is None else names
     gen = torch.Generator().manual_seed(seed)
-    x_GSD = torch.randn(num_groups, group_size, dim, generator=gen)
-    kwargs = {"token_ids_GS": torch.randint(0, 50_000, (num_groups, group_size), generator=gen)}
+    x_GSD = torch.randn(num_groups, group_size, dim, generator=gen).to(device)
+    kwargs = {"token_ids_GS": torch.randint(0, 50_000, (num_groups, group_size), generator=gen).to(device)}
     rows, routers = [], {}
     for name in ["topk"] + [n for n in names if n != "topk"]:
         torch.manual_seed(seed)
         row = {"router": name, "train": [], "eval": []}
         try:
-            router = build_router(name, dim, num_experts)
+            router = build_router(name, dim, num_experts).to(device)
             _, routing = _route_once(router.train(), x_GSD, kwargs)  # warm-up, and the family
             _route_once(router.eval(), x_GSD, kwargs)
             row.update({"class": type(router).__name__, "family": infer_family(router, routing),
@@ -141,10 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-groups", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--routers", nargs="*", default=None, help="config names (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
     args = p.parse_args(argv)
-    rows = router_table(args.routers, args.group_size, args.dim, args.num_experts, args.num_groups, args.rounds)
+    rows = router_table(args.routers, args.group_size, args.dim, args.num_experts, args.num_groups, args.rounds,
+                        device=args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"Routing time, S={args.group_size}, d={args.dim}, E={args.num_experts}, G={args.num_groups}, "
-          f"median of {args.rounds} forwards (router only, no experts), {torch.get_num_threads()} threads")
+          f"median of {args.rounds} forwards (router only, no experts), {where}")
     print(format_table(rows))
 
 

@@ -523,3 +523,52 @@ def test_modality_entropy_losses_match_per_modality_masks():
         torch.testing.assert_close(out[f"local_{m}"], losses.local_entropy_loss(probs[keep], sel[keep]))
     torch.testing.assert_close(out["global_1"], losses.global_entropy_loss(probs[:1], modality[:1] == 1, math.log(2)))
     assert set(losses.modality_entropy_losses(probs, torch.zeros(2, 10, dtype=torch.long), 2)) == {"local_0", "global_0"}
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------
+
+ZOO = ["switch", "gshard", "mixtral", "deepseek", "adamoe", "xmoe", "base", "hash", "dselect_k", "sentence",
+       "smear", "lory", "hierarchical"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_router_on_cuda_matches_cpu(name, make_router):
+    import copy
+    layer = MoE(D, F, num_experts=8, router=make_router(name)).eval()
+    layer.keep_last_routing = True
+    gpu = copy.deepcopy(layer).cuda()
+    x = torch.randn(4, 16, D)
+    ids = torch.randint(0, 50, (4, 16))
+    mask = torch.rand(4, 16) > 0.2
+    with torch.no_grad():
+        y = layer(x, mask=mask, token_ids=ids)
+        y_gpu = gpu(x.cuda(), mask=mask.cuda(), token_ids=ids.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-3, atol=1e-4)
+    gpu.train()
+    y = gpu(x.cuda(), mask=mask.cuda(), token_ids=ids.cuda())
+    (y.square().mean() + core.collect_aux_loss(gpu)).backward()
+    core.after_optimizer_step(gpu)
+    assert torch.isfinite(y).all()
+    for n, p in gpu.router.named_parameters():
+        assert p.grad is not None and p.grad.is_cuda, n
+    for n, b in gpu.router.named_buffers():
+        assert b.is_cuda, n
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lora_experts_grouped_on_cuda_match_loop():
+    lora = LoRAExperts(4, D, F, rank=8).cuda()
+    with torch.no_grad():
+        lora.b1_ERF.normal_()
+        lora.b2_ERO.normal_()
+    counts = torch.tensor([5, 0, 9, 6], device="cuda")
+    x = torch.randn(20, D, device="cuda", requires_grad=True)
+    idx = torch.repeat_interleave(torch.arange(4, device="cuda"), counts)
+    y = lora(x, counts, idx)
+    torch.testing.assert_close(y, lora.forward_loop(x, counts), rtol=1e-3, atol=1e-4)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and lora.a1_EDR.grad is not None
