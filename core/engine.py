@@ -594,10 +594,10 @@ class Trainer:
     @staticmethod
     def _offending_term(task_loss: torch.Tensor, aux_terms: dict) -> str:
         if not torch.isfinite(task_loss):
-            return f"task loss={float(task_loss)}"
+            return f"task loss={float(task_loss.detach())}"
         for k, v in aux_terms.items():
             if not torch.isfinite(v):
-                return f"auxiliary loss '{k}'={float(v)}"
+                return f"auxiliary loss '{k}'={float(v.detach())}"
         return "sum of the loss terms"
 
     def _progress(self, total: int, initial: int):

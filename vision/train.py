@@ -95,10 +95,13 @@ def build_model(cfg: DictConfig, data) -> torch.nn.Module:
     kwargs.setdefault("img_size", data.img_size)
     kwargs.setdefault("in_chans", data.in_chans)
     kwargs.setdefault("num_classes", data.num_classes)
-    return timm.create_model(
-        m.name, moe=m.moe, num_experts=m.num_experts, router=router, placement=placement, num_last=m.num_last,
-        group_size=m.group_size, num_shared_experts=m.num_shared_experts, expert_impl=m.expert_impl,
-        upcycle_from=m.upcycle_from, **kwargs)
+    try:
+        return timm.create_model(
+            m.name, moe=m.moe, num_experts=m.num_experts, router=router, placement=placement, num_last=m.num_last,
+            group_size=m.group_size, num_shared_experts=m.num_shared_experts, expert_impl=m.expert_impl,
+            upcycle_from=m.upcycle_from, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"building {m.name} with router {router_name(cfg)}: {err}") from err
 
 
 def classification_loss(model, batch):
