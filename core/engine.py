@@ -110,6 +110,8 @@ class TrainerConfig:
         log_every_steps: one ``history.jsonl`` line per this many steps (epoch lines always).
         eval_every_epochs: evaluate every this many epochs (the final state is always evaluated).
         progress: tqdm bar: ``auto`` (only on a terminal), true or false.
+        save_model: write the final weights as a plain state dict, ``<out_dir>/model.pt`` (e.g. the
+            dense model that ``upcycle_from=`` starts an MoE from).
     """
 
     max_epochs: int = 1
@@ -131,6 +133,7 @@ class TrainerConfig:
     log_every_steps: int = 50
     eval_every_epochs: int = 1
     progress: bool | str = "auto"
+    save_model: bool = True
 
     def __post_init__(self):
         _check_int("trainer.max_epochs", self.max_epochs, 1)
@@ -581,6 +584,10 @@ class Trainer:
             state.last_eval_step = state.step
         state.wall_time_s = wall_before + time.perf_counter() - t_start
         metrics = self._final_metrics(model, state, evaluate, eval_loaders, total_steps)
+        if cfg.save_model:
+            tmp = self.out_dir / "model.pt.tmp"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            os.replace(tmp, self.out_dir / "model.pt")
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
         return metrics
 

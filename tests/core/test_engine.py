@@ -265,3 +265,14 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
         Trainer(TrainerConfig(device="cuda"), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_autocast_run(tmp_path):
+    metrics, model = fit(tmp_path, device="cuda")
+    assert metrics["device"].startswith("cuda") and metrics["precision"] == "bf16"
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
+    assert math.isfinite(metrics["test_loss"]) and metrics["test_acc"] > 0.5
+    resumed, _ = fit(tmp_path, device="cuda", resume=True)  # finished run: same metrics from the checkpoint
+    assert resumed["test_acc"] == metrics["test_acc"]

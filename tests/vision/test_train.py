@@ -130,3 +130,17 @@ def test_cli_multirun_over_every_router(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     names = {json.loads(p.read_text())["router"] for p in tmp_path.glob("*/metrics.json")}
     assert names == {p.stem for p in (REPO / "conf" / "router").glob("*.yaml")}
+
+
+def test_dense_run_weights_upcycle_into_a_vmoe(vision_cfg, tmp_path):
+    train(vision_cfg("model.moe=false", "trainer.max_steps=3", f"output_dir={tmp_path / 'dense'}"))
+    weights = tmp_path / "dense" / "model.pt"
+    assert weights.is_file()
+    import torch
+    dense = torch.load(weights, weights_only=True)
+    data = type("D", (), {"img_size": 8, "in_chans": 1, "num_classes": 10})()
+    model = build_model(vision_cfg(f"model.upcycle_from={weights}"), data)
+    experts = model.blocks[1].mlp.experts
+    for e in range(experts.num_experts):
+        torch.testing.assert_close(experts.w1_EDF[e], dense["blocks.1.mlp.fc1.weight"].t())
+    torch.testing.assert_close(model.head.weight, dense["head.weight"])
