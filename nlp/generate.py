@@ -3,7 +3,7 @@
     python -m nlp.generate checkpoint=outputs/nlp/<run> prompt="dog: a member of" max_new_tokens=200 seed=0
 
 ``checkpoint`` is a run directory of ``nlp.train`` (it holds ``config.yaml`` and
-``checkpoints/last.ckpt``) or a checkpoint file inside one. Sampling uses temperature and top-k
+``checkpoints/last.ckpt`` or the final weights ``model.pt``) or one of those files. Sampling uses temperature and top-k
 (``temperature=0`` is greedy) and is deterministic under a fixed ``seed``.
 """
 
@@ -28,17 +28,17 @@ DEFAULTS = {"checkpoint": None, "prompt": "", "max_new_tokens": 200, "seed": 0, 
 def _run_dir_and_file(checkpoint: str | Path) -> tuple[Path, Path]:
     path = Path(checkpoint).expanduser()
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            ckpt = path / "checkpoints" / "prev.ckpt"
         run_dir = path
+        candidates = [path / "checkpoints" / "last.ckpt", path / "model.pt", path / "checkpoints" / "prev.ckpt"]
+        ckpt = next((c for c in candidates if c.is_file()), candidates[0])
     elif path.is_file():
         ckpt = path
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     else:
         raise ValueError(f"checkpoint={str(checkpoint)!r} is neither a run directory nor a checkpoint file.")
     if not ckpt.is_file():
-        raise ValueError(f"checkpoint={str(checkpoint)!r}: no checkpoints/last.ckpt or prev.ckpt in {run_dir}.")
+        raise ValueError(f"checkpoint={str(checkpoint)!r}: no checkpoints/last.ckpt, model.pt or "
+                         f"checkpoints/prev.ckpt in {run_dir}.")
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"checkpoint={str(checkpoint)!r}: {run_dir / 'config.yaml'} is missing; it is written "
                          "by nlp.train next to the checkpoints.")
@@ -51,7 +51,11 @@ def load_model(checkpoint: str | Path, device: str = "cpu"):
     cfg = OmegaConf.load(run_dir / "config.yaml")
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer.vocab_size)
-    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    if ckpt.suffix == ".pt":  # the engine's plain final state dict
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    else:
+        state = load_checkpoint(ckpt)["model"]
+    model.load_state_dict(state)
     return model.to(device).eval(), tokenizer
 
 

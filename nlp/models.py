@@ -30,9 +30,14 @@ from core.routers.base import Router, check_positive_int
 from core.routers.topk import TopKRouter
 
 __all__ = [
-    "CausalSelfAttention", "DecoderBlock", "MoETransformerLM", "RotaryEmbedding", "default_router",
+    "CausalSelfAttention", "DecoderBlock", "MoETransformerLM", "NonCausalRoutingError", "RotaryEmbedding",
+    "default_router",
     "moe_layer_indices",
 ]
+
+
+class NonCausalRoutingError(ValueError):
+    """The router lets a token's output depend on later tokens, and non-causal routing was not allowed."""
 
 
 def default_router() -> Callable[..., Router]:
@@ -354,7 +359,7 @@ class MoETransformerLM(nn.Module):
                 why = "a token's routing depends on the other tokens of its sequence, later ones included"
                 fix = ("use a causal router (mixtral, topk with capacity_factor=null, switch, adamoe, deepseek, "
                        "xmoe, hash, dense, ...)")
-            raise ValueError(
+            raise NonCausalRoutingError(
                 f"router {name} (block {i}) is not causal: {why}, so the language model would see the future "
                 f"in training and could not generate autoregressively. Fix: {fix}; or set "
                 "model.allow_noncausal_routing=true to train it anyway (the run is labelled non-causal)."

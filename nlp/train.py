@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.analytics import RoutingRecorder, stability_from_counts
 from core.engine import NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
 from nlp.data import build_datasets
-from nlp.models import MoETransformerLM
+from nlp.models import MoETransformerLM, NonCausalRoutingError
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         prepared = prepare(cfg)
     except ValueError as err:
-        if not _is_multirun():
+        if not (isinstance(err, NonCausalRoutingError) and _is_multirun()):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         # in a sweep over every router, a non-causal router gets an n/a row
