@@ -289,6 +289,11 @@ def train(cfg: DictConfig) -> dict:
 def _fit(cfg, trainer, model, train_loader, val_loader, loss_fn) -> dict:
     metrics = trainer.fit(model, train_loader, loss_fn, lm_evaluate, eval_loaders={"val": val_loader})
     seq_len = cfg.data.seq_len
+    layers = metrics.get("routing_layers") or {}
+    names = [n for n, m in model.named_modules() if m in model.moe_modules()]
+    if model.moe_layers and all(n in layers for n in names):
+        # measured experts per token; a LoRA bank's shared base FFN counts as always active
+        metrics["params_active"] = model.active_parameters([layers[n]["experts_per_token"] for n in names])
     metrics["tokens_per_s"] = metrics["examples_per_s"] * seq_len
     metrics["val_tokens_per_s"] = metrics.get("val_examples_per_s", 0.0) * seq_len
     if metrics.get("flops_per_example") is not None:
