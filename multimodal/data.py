@@ -224,15 +224,18 @@ class _ToPairBatch:
     """TensorLoader transform: (uint8 images, caption rows) -> {"image", "text"}; in training one of
     each image's candidate captions is drawn with the loader's per-batch generator."""
 
-    def __init__(self, tokens: torch.Tensor, draw: bool):
-        self.tokens, self.draw = tokens, draw
+    def __init__(self, tokens: torch.Tensor, draw: bool, routing_only: bool = False):
+        self.tokens, self.draw, self.routing_only = tokens, draw, routing_only
 
     def __call__(self, batch, generator: torch.Generator) -> dict:
         images_u8, caption_idx = batch
         col = (torch.randint(0, caption_idx.shape[1], (caption_idx.shape[0],), generator=generator)
                if self.draw else torch.zeros(caption_idx.shape[0], dtype=torch.long))
         rows = caption_idx.gather(1, col[:, None])[:, 0]
-        return {"image": image_tensor(images_u8), "text": self.tokens[rows]}
+        out = {"image": image_tensor(images_u8), "text": self.tokens[rows]}
+        if self.routing_only:
+            out["routing_only"] = True
+        return out
 
 
 def _to_labelled_batch(batch, generator: torch.Generator) -> dict:
@@ -240,11 +243,12 @@ def _to_labelled_batch(batch, generator: torch.Generator) -> dict:
     return {"image": image_tensor(images_u8), "label": labels}
 
 
-def pair_loader(pairs: Pairs, batch_size: int, train: bool = False) -> TensorLoader:
+def pair_loader(pairs: Pairs, batch_size: int, train: bool = False, routing_only: bool = False) -> TensorLoader:
     """Batches ``{"image": B×3×H×W, "text": B×L}``; ``train``: shuffled, a caption drawn per image,
-    last partial batch dropped (contrastive batches should be full)."""
+    last partial batch dropped (contrastive batches should be full); ``routing_only``: batches are
+    marked for routing statistics only (pairs whose captions repeat, where retrieval is ill-posed)."""
     return TensorLoader((pairs.images, pairs.caption_idx), batch_size, shuffle=train, drop_last=train,
-                        transform=_ToPairBatch(pairs.tokens, draw=train))
+                        transform=_ToPairBatch(pairs.tokens, draw=train, routing_only=routing_only))
 
 
 def labelled_loader(pairs: Pairs, batch_size: int) -> TensorLoader:
@@ -256,11 +260,13 @@ def labelled_loader(pairs: Pairs, batch_size: int) -> TensorLoader:
 
 @dataclass
 class MultimodalData:
-    """Everything a run needs: training pairs, held-out retrieval pairs, zero-shot test set."""
+    """Everything a run needs: training pairs, held-out retrieval pairs (``val_sources``), held-out
+    pairs of every source in the training mix (``mix``, for routing statistics), zero-shot test set."""
 
     train: Pairs
     val: Pairs
     zeroshot: Pairs | None
+    mix: Pairs | None = None
     class_names: Sequence[str] = FASHION_MNIST_CLASSES
     templates: Sequence[str] = FASHION_MNIST_TEMPLATES
 
@@ -301,7 +307,7 @@ def build_data(
             raise ValueError(f"data source {name!r} is not allowed: use {sorted(known)}.")
     if not sources:
         raise ValueError("sources=[] is not allowed: give at least one data source.")
-    train_parts, val_parts = [], []
+    train_parts, val_parts, mix_parts = [], [], []
     for i, name in enumerate(sources):
         if name == "openmoji":
             pairs = openmoji_pairs(tokenizer, image_size, openmoji_cache)
@@ -310,6 +316,7 @@ def build_data(
         pairs = unique_images(pairs)
         tr, va = split_indices(len(pairs), val_fraction, seed + i)
         train_parts.append(pairs.subset(tr))
+        mix_parts.append(pairs.subset(va))
         if name in val_sources:
             val_parts.append(pairs.subset(va))
     train = concat_pairs(train_parts)
@@ -318,9 +325,14 @@ def build_data(
     if not val_parts:
         raise ValueError(f"val_sources={list(val_sources)!r} names no source of sources={list(sources)!r}.")
     val = concat_pairs(val_parts)
-    if limit_eval is not None and limit_eval < len(val):
-        val = val.subset(torch.arange(limit_eval))
+    mix = concat_pairs(mix_parts)
+    if limit_eval is not None:
+        g = torch.Generator().manual_seed(seed)
+        if limit_eval < len(val):
+            val = val.subset(torch.arange(limit_eval))
+        if limit_eval < len(mix):  # a random subset keeps the sources in their training proportions
+            mix = mix.subset(torch.randperm(len(mix), generator=g)[:limit_eval])
     test = None
     if zeroshot:
         test = fashion_mnist_pairs(tokenizer, "test", image_size, root, limit=limit_eval)
-    return MultimodalData(train, val, test)
+    return MultimodalData(train, val, test, mix)

@@ -12,7 +12,11 @@ engine adds them; LIMoE's entropy terms sit on its routers). Evaluation, written
   held-out set, image→text and text→image recall@1/@5, expert usage per modality and the share of
   text (image) assignments that go to the most used expert (1/E balanced, 1.0 collapsed);
 - ``zeroshot_acc``: Fashion-MNIST test accuracy from class-name prompts (prompt-ensembled, Radford
-  et al., ICML 2021).
+  et al., ICML 2021);
+- ``mix_*`` (MoE models): routing by modality on held-out pairs of every training source in their
+  training proportions (retrieval is not scored there: Fashion-MNIST captions repeat).
+
+LIMoE runs also log the per-modality top-expert shares of every training batch to ``history.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from open_clip.loss import ClipLoss
 
 from core.engine import Trainer, TrainerConfig, seed_everything
 from multimodal.data import MultimodalData, build_data, labelled_loader, pair_loader
-from multimodal.models import modality_usage, reset_modality_usage
+from multimodal.models import LIMoE, modality_usage, reset_modality_usage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,12 @@ def clip_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     image_features, text_features, logit_scale = model(batch["image"], batch["text"])
-    return _clip_loss(image_features, text_features, logit_scale), {"logit_scale": float(logit_scale.detach())}
+    logs = {"logit_scale": float(logit_scale.detach())}
+    if isinstance(model, LIMoE):  # routing by modality in this training batch (joint group, noisy router)
+        usage = modality_usage(model)
+        model.modality_tokens_LME.zero_()
+        logs.update({f"{m}_top_expert_share": usage[f"{m}_top_expert_share"] for m in ("image", "text")})
+    return _clip_loss(image_features, text_features, logit_scale), logs
 
 
 def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -76,7 +85,9 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
     def evaluate(model, batches) -> dict:
         reset_modality_usage(model)
         img, txt, labels = [], [], []
+        routing_only = False
         for batch in batches:
+            routing_only = routing_only or bool(batch.get("routing_only", False))
             if "text" in batch:
                 i, t, _ = model(batch["image"], batch["text"])
                 img.append(i)
@@ -94,12 +105,14 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
             classifier_CE = F.normalize(text_CTE.float().mean(1), dim=-1)
             pred = (image_features @ classifier_CE.T).argmax(-1)
             return {"acc": float((pred == torch.cat(labels).to(dev)).float().mean())}
-        text_features = torch.cat(txt).float()
-        scale = model.logit_scale.exp().clamp(max=100.0)
-        sim = image_features @ text_features.T
-        out = {"loss": float(_clip_loss(image_features, text_features, scale))}
-        out.update({f"i2t_{k}": v for k, v in recall_at_k(sim).items()})
-        out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
+        out = {}
+        if not routing_only:
+            text_features = torch.cat(txt).float()
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            sim = image_features @ text_features.T
+            out["loss"] = float(_clip_loss(image_features, text_features, scale))
+            out.update({f"i2t_{k}": v for k, v in recall_at_k(sim).items()})
+            out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
         if is_moe(model):
             usage = modality_usage(model)
             out["text_top_expert_share"] = usage["text_top_expert_share"]
@@ -147,12 +160,14 @@ def _out_dir(cfg: DictConfig) -> Path:
         return Path("outputs/multimodal/run")
 
 
-def build_loaders(cfg: DictConfig, data: MultimodalData):
+def build_loaders(cfg: DictConfig, data: MultimodalData, routing: bool = True):
     d = cfg.data
     train_loader = pair_loader(data.train, d.batch_size, train=True)
     eval_loaders = {"val": pair_loader(data.val, d.eval_batch_size)}
     if data.zeroshot is not None:
         eval_loaders["zeroshot"] = labelled_loader(data.zeroshot, d.eval_batch_size)
+    if routing and data.mix is not None:
+        eval_loaders["mix"] = pair_loader(data.mix, d.eval_batch_size, routing_only=True)
     return train_loader, eval_loaders
 
 
@@ -172,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
         val_sources=list(d.val_sources), limit_train=d.limit_train, limit_eval=d.limit_eval,
         fashion_mnist_train=d.fashion_mnist_train, zeroshot=d.zeroshot, root=d.root,
         openmoji_cache=d.get("openmoji_cache"), seed=int(cfg.seed))
-    train_loader, eval_loaders = build_loaders(cfg, data)
+    train_loader, eval_loaders = build_loaders(cfg, data, routing=is_moe(model))
     class_tokens = tokenizer([t.format(c) for c in data.class_names for t in data.templates])
     class_tokens = class_tokens.view(len(data.class_names), len(data.templates), -1)
 

@@ -58,6 +58,8 @@ def test_splits_never_share_an_image(data):
     train, val = _digests(data.train.images), _digests(data.val.images)
     assert len(val) == len(data.val) > 100 and not train & val
     assert len(data.zeroshot) == 200 and data.zeroshot.labels is not None
+    assert not train & _digests(data.mix.images)
+    assert set(data.mix.source.tolist()) == {0, 1}  # held-out pairs of both training sources
 
 
 def test_tokens_are_open_clip_ids_padded_with_zero(data):

@@ -39,6 +39,8 @@ def test_train_clip_moe_with_a_router(tmp_path):
     assert m["router"] in ("expert_choice", "ExpertChoiceRouter")  # Hydra choice, or the class under compose()
     assert 0.25 <= m["val_text_top_expert_share"] <= 1.0
     assert set(m["val_expert_usage"]) == {"image", "text"}
+    # routing on held-out pairs of both sources; no retrieval scored there
+    assert 0.25 <= m["mix_text_top_expert_share"] <= 1.0 and "mix_i2t_r1" not in m
 
 
 def test_train_limoe(tmp_path):
@@ -46,12 +48,15 @@ def test_train_limoe(tmp_path):
     _check(m, tmp_path)
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert any("aux_local_entropy_text" in h for h in history)
+    assert all(0.25 <= h["text_top_expert_share"] <= 1.0 for h in history if "loss" in h)
+    assert 0.25 <= m["mix_text_top_expert_share"] <= 1.0
 
 
 def test_train_dense_clip(tmp_path):
     m = _run(tmp_path, ["model=clip"] + MICRO_CLIP)
     _check(m, tmp_path)
     assert m["router"] == "none (dense)" and "val_text_top_expert_share" not in m
+    assert not any(k.startswith("mix_") for k in m)
 
 
 def test_recall_at_k():
