@@ -207,3 +207,28 @@ def test_limoe_rejects_bad_arguments():
         M.LIMoE(num_experts=4, global_min_experts=(None, 9))
     with pytest.raises(ValueError, match="patch_size"):
         M.LIMoE(image_size=30, patch_size=4)
+
+
+def test_limoe_takes_every_router(batch, make_router, router_name):
+    """One LIMoE training step per router: finite loss and gradients, entropy terms on the routers;
+    routers that cannot serve (hash: no token ids for image patches) refuse with a ValueError."""
+    torch.manual_seed(0)
+    try:
+        model = M.LIMoE(embed_dim=32, image_size=16, patch_size=4, context_length=16, width=32, layers=2, heads=2,
+                        num_experts=4, router=make_router(router_name), local_entropy_weight=(0.1, 0.1),
+                        global_entropy_weight=(0.1, 0.1), global_min_experts=(None, 2))
+    except ValueError as err:
+        assert "token ids" in str(err)
+        return
+    try:
+        loss, logs = clip_loss(model, batch)
+    except ValueError as err:  # e.g. BASE layers: the joint group is not divisible by E
+        assert str(err)
+        return
+    terms = core.aux_loss_terms(model)
+    assert "local_entropy_text" in terms and "global_entropy_image" in terms
+    (loss + core.collect_aux_loss(model)).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # the batch's routing by modality (logged, then the counters restart)
+    assert 0.25 <= logs["text_top_expert_share"] <= 1.0 and 0.25 <= logs["image_top_expert_share"] <= 1.0
