@@ -246,11 +246,15 @@ class MultiGateMixture(nn.Module):
                                  f"indices in [0, {E}).")
             self.register_buffer(f"gate_experts_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
             self.gates.append(build_gate(gate, in_features, len(idx), out_features))
-        # per gate: assignments per expert, router probability mass per expert (analytics, PLE §5.3)
+        # per gate: assignments per expert, router probability mass per expert (analytics, PLE §5.3),
+        # and (attempted choices, examples routed)
         self.register_buffer("stat_tokens", torch.zeros(len(gate_experts), E, dtype=torch.float64),
                              persistent=False)
         self.register_buffer("stat_importance", torch.zeros(len(gate_experts), E, dtype=torch.float64),
                              persistent=False)
+        self.register_buffer("stat_counters", torch.zeros(len(gate_experts), 2, dtype=torch.float64),
+                             persistent=False)
+        self.track_stats = True
         self.keep_last_routing = False
         self.last_routings: list[Routing] = []
 
@@ -289,7 +293,7 @@ class MultiGateMixture(nn.Module):
                 out_BO = out_BO + routing.residual_T.to(out_BO.dtype)[:, None] * x_BD
             outputs.append(out_BO)
             routings.append(routing)
-        if self.training:
+        if self.track_stats:
             self._update_stats(routings)
         if self.keep_last_routing:
             self.last_routings = routings
@@ -311,10 +315,15 @@ class MultiGateMixture(nn.Module):
             self.stat_tokens[j].index_add_(0, idx_J, routing.tokens_per_expert().to(torch.float64))
             if routing.scores_GSE is not None:
                 self.stat_importance[j].index_add_(0, idx_J, routing.scores_GSE.sum((0, 1)).to(torch.float64))
+            sparse = not (routing.is_soft or routing.is_merged)
+            choices = torch.as_tensor(routing.num_choices if sparse else 0, dtype=torch.float64,
+                                      device=self.stat_counters.device)
+            self.stat_counters[j] += torch.stack([choices, choices.new_tensor(float(routing.num_tokens))])
 
     def reset_stats(self) -> None:
         self.stat_tokens.zero_()
         self.stat_importance.zero_()
+        self.stat_counters.zero_()
 
 
 class PLEArch(nn.Module):
@@ -607,29 +616,42 @@ def mixtures(model: nn.Module) -> dict[str, MultiGateMixture]:
 
 
 def gate_stats(model: nn.Module, reset: bool = False) -> dict:
-    """Per gate, since the last reset (training forwards only): assignments per expert, load CV²
-    (assignment counts over the gate's experts), and the mean router probability per expert (PLE §5.3's
-    expert utilisation)."""
-    out = {}
+    """Per gate, since the last reset: assignments per expert, load CV² (assignment counts over the
+    gate's experts), mean router probability per expert (PLE §5.3's expert utilisation), experts per
+    example and dropped fraction of the attempted choices (sparse gates with a capacity); plus their
+    means over gates (``load_cv2``, ``experts_per_example``, ``dropped_fraction``)."""
+    gates = {}
     for name, m in mixtures(model).items():
         for j in range(len(m.gates)):
             idx = m.gate_experts(j)
             tokens = m.stat_tokens[j, idx]
             imp = m.stat_importance[j, idx]
-            total = float(imp.sum())
-            mean = tokens.mean()
-            out[f"{name}.gate{j}"] = {
+            choices, examples = m.stat_counters[j].tolist()
+            total, mean, kept = float(imp.sum()), tokens.mean(), float(tokens.sum())
+            gates[f"{name}.gate{j}"] = {
                 "experts": idx.tolist(),
                 "tokens_per_expert": tokens.tolist(),
                 "load_cv2": float(tokens.var(correction=0) / mean.square()) if mean > 0 else 0.0,
                 "importance": (imp / total).tolist() if total > 0 else imp.tolist(),
+                "experts_per_example": kept / examples if examples else 0.0,
+                "dropped_fraction": max(0.0, (choices - kept) / choices) if choices else 0.0,
             }
         if reset:
             m.reset_stats()
+    out: dict = {"gates": gates}
+    if gates:
+        for key in ("load_cv2", "experts_per_example", "dropped_fraction"):
+            out[key] = sum(g[key] for g in gates.values()) / len(gates)
     return out
+
+
+def reset_gate_stats(model: nn.Module) -> None:
+    for m in mixtures(model).values():
+        m.reset_stats()
 
 
 __all__ = [
     "CGC", "DenseArch", "ESMM", "InputArch", "MMoE", "MultiGateMixture", "MultiTaskModel", "OMoE", "PLE", "PLEArch",
     "SharedBottom", "SingleTask", "SparseArch", "TowerArch", "build_gate", "gate_stats", "mixture_weights", "mixtures",
+    "reset_gate_stats",
 ]

@@ -31,7 +31,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from core.engine import Trainer, TrainerConfig, seed_everything
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
-from recsys.models import gate_stats
+from recsys.models import gate_stats, reset_gate_stats
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,12 @@ def task_loss(out_B: torch.Tensor, label_B: torch.Tensor, kind: str, reduction: 
 def make_evaluate(tasks: Sequence[TaskSpec]):
     """``evaluate(model, batches) -> metrics``: per task ``<task>_auc`` and ``<task>_logloss`` (binary)
     or ``<task>_mse`` (regression); ``mean_auc`` / ``mean_mse`` over tasks; ``loss`` (sum of task
-    losses)."""
+    losses); the gates' statistics over these batches (``gates``, ``gate_load_cv2``,
+    ``gate_experts_per_example``, ``gate_dropped_fraction``)."""
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module, batches) -> dict:
+        reset_gate_stats(model)
         outs, labels = [], []
         for batch in batches:
             outs.append(model(batch.dense_features, batch.sparse_features).float())
@@ -148,6 +150,11 @@ def make_evaluate(tasks: Sequence[TaskSpec]):
             res["mean_auc"] = sum(aucs) / len(aucs)
         if mses:
             res["mean_mse"] = sum(mses) / len(mses)
+        stats = gate_stats(model, reset=True)
+        if stats["gates"]:
+            res["gates"] = stats["gates"]
+            for key in ("load_cv2", "experts_per_example", "dropped_fraction"):
+                res[f"gate_{key}"] = stats[key]
         return res
 
     return evaluate
@@ -229,7 +236,11 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
              info["model"], info["router"], dataset.name, sum(p.numel() for p in model.parameters()), len(train_split))
     metrics = trainer.fit(model, train_loader, make_loss_fn(dataset.tasks, cfg.get("task_weights")),
                           make_evaluate(dataset.tasks), eval_loaders=eval_loaders, count_examples=len)
-    metrics["gates"] = gate_stats(model)
+    # the engine's routing columns count core MoE layers; here the gated stages are the mixtures
+    for key, ours in (("load_cv2", "val_gate_load_cv2"), ("experts_per_token", "val_gate_experts_per_example"),
+                      ("dropped_fraction", "val_gate_dropped_fraction")):
+        if metrics.get(key) is None and ours in metrics:
+            metrics[key] = metrics[ours]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                         if k.startswith("test_") and isinstance(v, float) and not k.endswith("_per_s"))

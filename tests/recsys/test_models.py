@@ -243,7 +243,8 @@ def test_expert_choice_gate_lets_experts_pick_examples_in_the_batch(make_router)
     # capacity_factor 2: every expert takes C = 2·32/4 = 16 examples
     assert routing.tokens_per_expert().tolist() == [16] * 4
     stats = gate_stats(model)
-    assert stats["body.mixture.gate0"]["tokens_per_expert"] == [16.0] * 4
+    assert stats["gates"]["body.mixture.gate0"]["tokens_per_expert"] == [16.0] * 4
+    assert stats["gates"]["body.mixture.gate0"]["experts_per_example"] == 2.0    # 64 picks over 32 examples
 
 
 def test_dense_gate_is_the_default():

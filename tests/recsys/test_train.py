@@ -34,7 +34,10 @@ def test_mmoe_on_adult_with_topk_gates_writes_metrics(tmp_path):
             assert 0.7 < saved[f"{split}_{task}_auc"] <= 1.0      # well above chance after 60 steps
             assert saved[f"{split}_{task}_logloss"] > 0
     assert metrics["steps"] == 60                                # 2 epochs of 2048 / 64 = 32, capped
-    assert saved["gates"]["body.mixture.gate0"]["tokens_per_expert"]
+    gate = saved["test_gates"]["body.mixture.gate0"]
+    assert sum(gate["tokens_per_expert"]) > 0 and 0 < gate["experts_per_example"] <= 2   # top-2 with capacity
+    assert saved["experts_per_token"] == saved["val_gate_experts_per_example"]
+    assert 0 <= saved["dropped_fraction"] < 1
     assert (tmp_path / "history.jsonl").exists()
 
 
