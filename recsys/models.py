@@ -60,6 +60,10 @@ def _out_size(in_size: int, layer_sizes: Sequence[int]) -> int:
     return list(layer_sizes)[-1] if layer_sizes else in_size
 
 
+class GateError(ValueError):
+    """A router that cannot serve as a multi-task gate (a sweep over every router records ``n/a``)."""
+
+
 def mixture_weights(routing: Routing) -> torch.Tensor:
     """The weight each (example, expert) pair gets in the mixture, (G·S)×E, whatever the routing form."""
     G, S, E = routing.num_groups, routing.group_size, routing.num_experts
@@ -74,7 +78,7 @@ def mixture_weights(routing: Routing) -> torch.Tensor:
 def build_gate(gate: RouterFactory | None, dim: int, num_experts: int, out_features: int | None = None) -> Router:
     """Build one gate ``gate(dim=dim, num_experts=num_experts)``; None is the dense softmax gate.
 
-    Raises ``ValueError`` when the router cannot gate examples: it needs token ids (hash routing); its
+    Raises ``GateError`` (a ``ValueError``) when the router cannot gate examples: it needs token ids (hash routing); its
     mixture weights do not depend on the examples (Lory routes a segment by the previous one, and a
     batch has no previous segment); or it mixes its input into the output (BASE layers'
     ``Routing.residual_T``) while the experts' output width ``out_features`` differs from ``dim``. The
@@ -87,7 +91,7 @@ def build_gate(gate: RouterFactory | None, dim: int, num_experts: int, out_featu
         raise ValueError(f"gate={gate!r} built a {name}, not a core Router: a gate must be a router config "
                          "(conf/router/*.yaml).")
     if getattr(router, "needs_token_ids", False):
-        raise ValueError(f"router {name} cannot serve as a multi-task gate: it needs token ids (hash routing), "
+        raise GateError(f"router {name} cannot serve as a multi-task gate: it needs token ids (hash routing), "
                          "and a recommender's examples have none. Use a learned router (e.g. dense, topk, "
                          "expert_choice).")
     was_training = router.training
@@ -98,11 +102,11 @@ def build_gate(gate: RouterFactory | None, dim: int, num_experts: int, out_featu
     router.train(was_training)
     router.aux_losses = {}
     if num_experts > 1 and torch.allclose(mixture_weights(probes[0]), mixture_weights(probes[1])):
-        raise ValueError(f"router {name} cannot serve as a multi-task gate: its mixture weights do not depend "
+        raise GateError(f"router {name} cannot serve as a multi-task gate: its mixture weights do not depend "
                          "on the examples (a batch is one routing group; a router that routes a group by an "
                          "earlier group, as Lory, has nothing to route by).")
     if probes[0].residual_T is not None and out_features is not None and out_features != dim:
-        raise ValueError(f"router {name} cannot serve as this gate: it adds its input to the mixture "
+        raise GateError(f"router {name} cannot serve as this gate: it adds its input to the mixture "
                          f"(y += r·x), which needs the experts' output width ({out_features}) to equal the "
                          f"gate's input width ({dim}); set expert_out_features={dim} or use another router.")
     return router
@@ -651,7 +655,7 @@ def reset_gate_stats(model: nn.Module) -> None:
 
 
 __all__ = [
-    "CGC", "DenseArch", "ESMM", "InputArch", "MMoE", "MultiGateMixture", "MultiTaskModel", "OMoE", "PLE", "PLEArch",
+    "CGC", "DenseArch", "ESMM", "GateError", "InputArch", "MMoE", "MultiGateMixture", "MultiTaskModel", "OMoE", "PLE", "PLEArch",
     "SharedBottom", "SingleTask", "SparseArch", "TowerArch", "build_gate", "gate_stats", "mixture_weights", "mixtures",
     "reset_gate_stats",
 ]

@@ -2,7 +2,8 @@
 
 ``python -m recsys.summarize multirun/recsys/mmoe_synthetic`` prints (and writes ``summary.md`` next
 to the runs) a Markdown table with one row per (model, router) and one column per task correlation
-for the synthetic data (test mean MSE), or one column per task metric (AUC, MSE) for other data.
+for the synthetic data (test mean MSE), or one column per task metric (AUC, MSE) for other data;
+routers that could not serve as gates (``status: n/a``) are listed below it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
 
 
-def table(runs: list[dict], metric: str = "test_mean_mse", digits: int = 4) -> str:
+def table(runs: list[dict], metric: str = "test_mse_mean", digits: int = 4) -> str:
     """Markdown table. Synthetic runs: rows model (router), columns correlation, cells ``metric``.
     Other data: rows model (router), columns every ``test_<task>_auc`` / ``test_<task>_mse``."""
+    na = [r for r in runs if r.get("status") == "n/a"]
+    runs = [r for r in runs if r.get("status") != "n/a"]
     synthetic = [r for r in runs if r.get("data") == "synthetic"]
     other = [r for r in runs if r.get("data") != "synthetic"]
     parts = []
@@ -79,13 +82,16 @@ def table(runs: list[dict], metric: str = "test_mean_mse", digits: int = 4) -> s
         for key in rows:
             lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(_fmt(cells[key, c], digits) for c in cols) + " |")
         parts.append("\n".join(lines))
+    if na:
+        parts.append("\n".join(["n/a (the router cannot serve as a gate):", ""] + sorted(
+            {f"- {r.get('model')} / {r.get('router')}: {r.get('reason')}" for r in na})))
     return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="run or multirun directories")
-    parser.add_argument("--metric", default="test_mean_mse", help="cell metric for synthetic runs")
+    parser.add_argument("--metric", default="test_mse_mean", help="cell metric for synthetic runs")
     parser.add_argument("--digits", type=int, default=4)
     args = parser.parse_args(argv)
     runs = collect(args.dirs)

@@ -31,7 +31,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from core.engine import Trainer, TrainerConfig, seed_everything
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
-from recsys.models import gate_stats, reset_gate_stats
+from recsys.models import GateError, gate_stats, mixtures, reset_gate_stats
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def task_loss(out_B: torch.Tensor, label_B: torch.Tensor, kind: str, reduction: 
 
 def make_evaluate(tasks: Sequence[TaskSpec]):
     """``evaluate(model, batches) -> metrics``: per task ``<task>_auc`` and ``<task>_logloss`` (binary)
-    or ``<task>_mse`` (regression); ``mean_auc`` / ``mean_mse`` over tasks; ``loss`` (sum of task
+    or ``<task>_mse`` (regression); ``auc_mean`` / ``mse_mean`` over tasks; ``loss`` (sum of task
     losses); the gates' statistics over these batches (``gates``, ``gate_load_cv2``,
     ``gate_experts_per_example``, ``gate_dropped_fraction``)."""
 
@@ -147,9 +147,9 @@ def make_evaluate(tasks: Sequence[TaskSpec]):
                 mses.append(loss)
         res["loss"] = total
         if aucs:
-            res["mean_auc"] = sum(aucs) / len(aucs)
+            res["auc_mean"] = sum(aucs) / len(aucs)
         if mses:
-            res["mean_mse"] = sum(mses) / len(mses)
+            res["mse_mean"] = sum(mses) / len(mses)
         stats = gate_stats(model, reset=True)
         if stats["gates"]:
             res["gates"] = stats["gates"]
@@ -172,11 +172,13 @@ def _choice_name(choice: str | None) -> str | None:
     return None if choice is None else choice.rsplit("/", 1)[-1]
 
 
-def router_label(cfg: DictConfig) -> str:
-    """The run's router name: ``router_name``, else the ``+router=`` choice, else ``dense`` (the papers'
-    softmax gate) when no router is given."""
+def router_label(cfg: DictConfig, model: torch.nn.Module | None = None) -> str:
+    """The run's router name: ``router_name``, else ``none`` for a model without gates (Single-Task,
+    Shared-Bottom, ESMM), else the ``+router=`` choice, else ``dense`` (the papers' softmax gate)."""
     if cfg.get("router_name"):
         return str(cfg.router_name)
+    if model is not None and not mixtures(model):
+        return "none"
     if cfg.get("router") is None:
         return "dense"
     return _hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
@@ -224,7 +226,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
     info = {
         "domain": "recsys",
-        "router": router_label(cfg),
+        "router": router_label(cfg, model),
         "model": cfg.get("model_name") or _choice_name(_hydra_choice("model")) or type(model).__name__,
         "data": dataset.name,
         "tasks": {t.name: t.kind for t in dataset.tasks},
@@ -248,13 +250,32 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="recsys")
-def main(cfg: DictConfig) -> float:
-    """Returns the validation objective (mean MSE for regression data, 1 - mean AUC otherwise) for sweepers."""
-    metrics = train(cfg)
-    if "val_mean_mse" in metrics:
-        return metrics["val_mean_mse"]
-    return 1.0 - metrics.get("val_mean_auc", float("nan"))
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="recsys")
+def main(cfg: DictConfig) -> float | None:
+    """Returns the validation objective (mean MSE for regression data, 1 - mean AUC otherwise) for
+    sweepers. In a multirun, a router that cannot serve as a gate gets an ``n/a`` metrics.json."""
+    try:
+        metrics = train(cfg)
+    except GateError as err:
+        if not _is_multirun():
+            raise
+        out = _out_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(
+            {"domain": "recsys", "router": router_label(cfg), "model": cfg.get("model_name")
+             or _choice_name(_hydra_choice("model")), "status": "n/a", "reason": str(err)}, indent=2) + "\n")
+        log.warning("n/a: %s", err)
+        return None
+    if "val_mse_mean" in metrics:
+        return metrics["val_mse_mean"]
+    return 1.0 - metrics.get("val_auc_mean", float("nan"))
 
 
 if __name__ == "__main__":

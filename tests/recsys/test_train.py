@@ -46,7 +46,7 @@ def test_default_gate_is_dense_and_synthetic_reports_mse(tmp_path):
     assert cfg.model.gate is None
     metrics = train(cfg)
     assert metrics["router"] == "dense"
-    assert metrics["test_task1_mse"] > 0 and metrics["test_mean_mse"] > 0
+    assert metrics["test_task1_mse"] > 0 and metrics["test_mse_mean"] > 0
     assert metrics["data_info"]["correlation"] == 1.0
 
 
@@ -80,6 +80,25 @@ def test_summary_table(tmp_path):
         d.mkdir()
         (d / "metrics.json").write_text(json.dumps({"domain": "recsys", "model": model, "router": "dense",
                                                     "data": "synthetic", "data_info": {"correlation": p},
-                                                    "test_mean_mse": mse}))
+                                                    "test_mse_mean": mse}))
     text = table(collect([str(tmp_path)]))
     assert "| mmoe | dense | 0.2000 ± 0.1414 (n=2) | 0.2000 ± 0.0000 (n=1) |" in text
+
+
+def test_sweep_over_every_router_gives_na_rows_for_routers_that_cannot_gate(tmp_path):
+    """``-m +router=hash,topk``: hash gets an n/a metrics.json (it needs token ids), topk trains."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "recsys.train", "-m", "+router=hash,topk", "model=mmoe", "data=synthetic",
+         "debug=default", "trainer.max_steps=4", "data.limit_train=256", f"hydra.sweep.dir={tmp_path}",
+         "hydra.sweep.subdir=${hydra:runtime.choices.router}"],
+        capture_output=True, text=True, cwd=CONF_DIR.parent, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hashed = json.loads((tmp_path / "hash" / "metrics.json").read_text())
+    assert hashed["status"] == "n/a" and "token ids" in hashed["reason"]
+    topk = json.loads((tmp_path / "topk" / "metrics.json").read_text())
+    assert topk["router"] == "topk" and topk["test_mse_mean"] > 0
+    text = table(collect([str(tmp_path)]))
+    assert "| mmoe | topk |" in text and "mmoe / hash" in text
