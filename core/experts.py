@@ -1,17 +1,37 @@
-"""Stacked FFN experts: all E experts' weights in single tensors, run on tokens already sorted by
-expert with one grouped matmul per projection (``torch.nn.functional.grouped_mm``), as in
-torchtitan's ``GroupedExperts``; a per-expert loop (Mixtral's eager path) is kept as the reference.
+"""Stacked FFN experts: all E experts' weights in single tensors, run on tokens grouped by expert.
+
+``Experts.forward_routed`` computes ``out[t] = Σ_n w_n · FFN_{e_n}(x[t])`` over a routing's N
+assignments with one autograd function whose backward is written out by hand, in two layouts:
+
+- ``chunked`` (CPU default): the rows sorted by expert are taken expert by expert (large experts
+  cut into blocks of at most R rows); each block is gathered into a reused buffer, multiplied,
+  activated, multiplied again, scaled by its combine gates and added back to its tokens before
+  the next block starts. The T·K×D gathered inputs and T·K×O expert outputs never exist as whole
+  tensors, only the T·K×F hidden activations the backward needs (as much as the dense FFN of the
+  same activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
+  the layer insensitive to the allocator: with glibc's default malloc every fresh N-sized buffer
+  page-faults (systems.md §3), which costs the other layouts up to a third of their speed. It is
+  the CPU counterpart of fusing the gather and scatter into the GEMMs (ScatterMoE, Tan et al. 2024).
+- ``grouped`` (GPU default): the same function on all rows at once with one grouped matmul per
+  projection (``torch.nn.functional.grouped_mm``, as torchtitan's ``GroupedExperts``); no host sync.
+
+Both apply the gate in place on the expert output, take its gradient as ``<dL/da, a>`` over the F
+hidden units, gather x again in the backward instead of keeping the gathered copy, and skip bias
+gathers when there are no biases. ``forward(x_ND_sorted, counts_E, expert_idx_N)`` (grouped matmul
+under autograd) and ``forward_loop`` (one matmul pair per expert, Mixtral's eager path) are kept for
+callers that sort rows themselves and as the reference.
 
 Forms: MLP (``act(x W1 + b1) W2 + b2``, GELU/ReLU...) and GLU (``(act(x W1) ⊙ x W3) W2``, SwiGLU with
 SiLU; Shazeer, "GLU Variants Improve Transformer", 2020).
 
-Legend: N rows (sorted assignments), D input width, F hidden width, O output width, E experts,
-M rows per expert (batched path).
+Legend: T tokens, N rows (assignments), D input width, F hidden width, O output width, E experts,
+M rows per expert (batched path), R rows per block (chunked layout).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -20,10 +40,261 @@ from core.routers.base import check_positive_int
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
+IMPLS = ("auto", "chunked", "grouped", "loop")
+
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
     return nn.init.uniform_(t, -bound, bound)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward rejects
+    the expanded (stride-0) gradient that a ``.sum()`` loss sends."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _ActKernels(NamedTuple):
+    """An activation as two out-variant kernels: ``fwd(h, out)`` and ``bwd(grad, h, out)``."""
+    fwd: Callable
+    bwd: Callable
+
+
+def _act_kernels(act: nn.Module) -> _ActKernels | None:
+    """Out-variant kernels for the activations the chunked engine knows (exact types only, so a
+    subclass with a different forward falls back to autograd)."""
+    aten = torch.ops.aten
+    if type(act) is nn.GELU:
+        approx = act.approximate
+        return _ActKernels(lambda h, out: aten.gelu.out(h, approximate=approx, out=out),
+                           lambda g, h, out: aten.gelu_backward.grad_input(g, h, approximate=approx, grad_input=out))
+    if type(act) is nn.SiLU:
+        return _ActKernels(lambda h, out: aten.silu.out(h, out=out),
+                           lambda g, h, out: aten.silu_backward.grad_input(g, h, grad_input=out))
+    if type(act) is nn.ReLU:
+        return _ActKernels(lambda h, out: torch.clamp_min(h, 0, out=out),
+                           lambda g, h, out: aten.threshold_backward.grad_input(g, h, 0, grad_input=out))
+    if type(act) is nn.Identity:
+        return _ActKernels(lambda h, out: out.copy_(h), lambda g, h, out: out.copy_(g))
+    return None
+
+
+class _Plan(NamedTuple):
+    """Assignments sorted by expert and cut into blocks of (expert, first row, rows); expert -1 marks
+    one block over all rows run with grouped matmuls (``offs_E``, ``expert_N`` then set)."""
+    order_N: torch.Tensor
+    token_N: torch.Tensor
+    expert_N: torch.Tensor | None
+    offs_E: torch.Tensor | None
+    blocks: list[tuple[int, int, int]]
+    empty: list[int]
+    num_tokens: int
+    block_rows: int
+
+
+def _plan(token_N: torch.Tensor, expert_N: torch.Tensor, num_experts: int, num_tokens: int,
+          block_rows: int | None) -> _Plan:
+    """Sort assignments by expert (stable: a deterministic order). ``block_rows`` None: one grouped
+    block, no host sync; else every expert's rows cut into near-equal blocks of at most
+    ``block_rows`` (one host sync for the counts)."""
+    order_N = torch.argsort(expert_N, stable=True)
+    token_sorted_N = token_N.index_select(0, order_N)
+    N = token_N.shape[0]
+    if block_rows is None:
+        offs_E = torch.cumsum(torch.bincount(expert_N, minlength=num_experts), 0, dtype=torch.int32)
+        return _Plan(order_N, token_sorted_N, expert_N.index_select(0, order_N), offs_E,
+                     [(-1, 0, N)] if N else [], [], num_tokens, N)
+    counts = torch.bincount(expert_N, minlength=num_experts).tolist()
+    blocks, empty, start = [], [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            empty.append(e)
+            continue
+        pieces = -(-n // block_rows)
+        size = -(-n // pieces)
+        for s in range(start, start + n, size):
+            blocks.append((e, s, min(size, start + n - s)))
+        start += n
+    rows = max((m for _, _, m in blocks), default=0)
+    return _Plan(order_N, token_sorted_N, None, None, blocks, empty, num_tokens, rows)
+
+
+def _lin(a: torch.Tensor, w_E: torch.Tensor, b_E: torch.Tensor | None, e: int, plan: _Plan,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a W_e (+ b_e)`` for a block of expert e; for e = -1 the grouped matmul over all experts."""
+    if e >= 0:
+        return torch.mm(a, w_E[e], out=out) if b_E is None else torch.addmm(b_E[e], a, w_E[e], out=out)
+    y = _grouped_mm(a, w_E, offs=plan.offs_E)
+    return y if b_E is None else y.add_(b_E.index_select(0, plan.expert_N))
+
+
+def _wgrad(a: torch.Tensor, g: torch.Tensor, e: int, first: bool, plan: _Plan, d_E: torch.Tensor | None) -> torch.Tensor:
+    """Weight gradient ``aᵀ g`` of expert e's block into ``d_E[e]`` (accumulated after the expert's
+    first block); for e = -1 every expert's at once (returned)."""
+    if e < 0:
+        return _grouped_mm(a.t(), g, offs=plan.offs_E)
+    if first:
+        torch.mm(a.t(), g, out=d_E[e])
+    else:
+        d_E[e].addmm_(a.t(), g)
+    return d_E
+
+
+def _bgrad(g: torch.Tensor, e: int, plan: _Plan, d_E: torch.Tensor) -> None:
+    """Bias gradient: the block's rows summed into expert e (e = -1: each row into its expert)."""
+    if e >= 0:
+        d_E[e] += g.sum(0)
+    else:
+        d_E.index_add_(0, plan.expert_N, g)
+
+
+def _buffer(buf: torch.Tensor | None, e: int, m: int) -> torch.Tensor | None:
+    """A block's slice of a reused buffer; grouped blocks (e = -1) allocate their own."""
+    return None if (e < 0 or buf is None) else buf[:m]
+
+
+def _routed_inference(x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels) -> torch.Tensor:
+    """Forward without autograd: with per-expert blocks every intermediate lives in one
+    block-sized buffer reused by every block."""
+    R, D, F, O = plan.block_rows, x_TD.shape[1], w1.shape[2], w2.shape[2]
+    out_TO = x_TD.new_zeros(plan.num_tokens, O)
+    per_expert = plan.offs_E is None
+    buf_x, buf_h, buf_y = (x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert else (None,) * 3
+    buf_g = x_TD.new_empty(R, F) if (per_expert and w3 is not None) else None
+    w_N1 = weight_N[:, None]
+    for e, s, m in plan.blocks:
+        tok = plan.token_N[s:s + m]
+        x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
+        h_c = _lin(x_c, w1, b1, e, plan, _buffer(buf_h, e, m))
+        kern.fwd(h_c, h_c)
+        if w3 is not None:
+            h_c.mul_(_lin(x_c, w3, None, e, plan, _buffer(buf_g, e, m)))
+        y_c = _lin(h_c, w2, b2, e, plan, _buffer(buf_y, e, m))
+        out_TO.index_add_(0, tok, y_c.mul_(w_N1[s:s + m]))
+    return out_TO
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """``out[t] = Σ_{n: token_n = t} w_n · FFN_{e_n}(x[t])`` block by block, with its backward.
+
+    Saved for backward: x itself and the hidden pre-activations and activations (N×F; GLU adds the
+    gate), never the gathered inputs or the expert outputs: the backward gathers each block of x
+    and of the output gradient again (with per-expert blocks a cache-resident copy instead of a
+    trip through main memory). The combine gate is applied to the block output in place, and its
+    gradient is ``<dL/da, a>`` over the F hidden units (``+ <g, b2>``), so no N×O tensor is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels):
+        N, R = plan.token_N.shape[0], plan.block_rows
+        D, F, O = x_TD.shape[1], w1.shape[2], w2.shape[2]
+        per_expert = plan.offs_E is None
+        a_NF = x_TD.new_empty(N, F)
+        h_NF = x_TD.new_empty(N, F) if per_expert else None
+        g_NF = x_TD.new_empty(N, F) if (per_expert and w3 is not None) else None
+        out_TO = x_TD.new_zeros(plan.num_tokens, O)
+        buf_x, buf_y = (x_TD.new_empty(R, D), x_TD.new_empty(R, O)) if per_expert else (None, None)
+        w_N1 = weight_N[:, None]
+        for e, s, m in plan.blocks:
+            tok = plan.token_N[s:s + m]
+            x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
+            h_c = _lin(x_c, w1, b1, e, plan, h_NF[s:s + m] if per_expert else None)
+            if not per_expert:
+                h_NF = h_c
+            a_c = kern.fwd(h_c, a_NF[s:s + m])
+            if w3 is not None:
+                gate_c = _lin(x_c, w3, None, e, plan, g_NF[s:s + m] if per_expert else None)
+                if not per_expert:
+                    g_NF = gate_c
+                a_c.mul_(gate_c)
+            y_c = _lin(a_c, w2, b2, e, plan, _buffer(buf_y, e, m))
+            out_TO.index_add_(0, tok, y_c.mul_(w_N1[s:s + m]))
+        ctx.save_for_backward(x_TD, weight_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF)
+        ctx.plan, ctx.kern = plan, kern
+        return out_TO
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TO):
+        x_TD, weight_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF = ctx.saved_tensors
+        plan, kern = ctx.plan, ctx.kern
+        need_x, need_w, need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad[:7]
+        grad_TO = grad_TO.contiguous()
+        R, D, F, O = plan.block_rows, x_TD.shape[1], w1.shape[2], w2.shape[2]
+        per_expert = plan.offs_E is None
+        zeros = not plan.blocks  # no assignments: every weight gradient is zero
+        new = x_TD.new_zeros if zeros else x_TD.new_empty
+        dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
+        dw_N = new(weight_N.shape) if need_w else None
+        dw1 = new(w1.shape) if need_w1 else None
+        dw2 = new(w2.shape) if need_w2 else None
+        dw3 = new(w3.shape) if need_w3 else None
+        db1 = x_TD.new_zeros(b1.shape) if need_b1 else None
+        db2 = x_TD.new_zeros(b2.shape) if need_b2 else None
+        for d in (dw1, dw2, dw3):
+            if d is not None and plan.empty:
+                d[plan.empty] = 0
+        buf = (lambda *shape: x_TD.new_empty(*shape)) if per_expert else (lambda *shape: None)
+        buf_g, buf_da, buf_dh, buf_x, buf_dx = buf(R, O), buf(R, F), buf(R, F), buf(R, D), buf(R, D)
+        buf_act = buf(R, F) if w3 is not None else None
+        w_N1 = weight_N[:, None]
+        last_e = None
+        for e, s, m in plan.blocks:
+            first, last_e = e != last_e, e
+            tok, w_c = plan.token_N[s:s + m], w_N1[s:s + m]
+            a_c, h_c = a_NF[s:s + m], h_NF[s:s + m]
+            g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
+            da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
+            if need_w:
+                dw = torch.linalg.vecdot(da_c, a_c, out=dw_N[s:s + m])
+                if b2 is not None:  # the expert output is a W2 + b2
+                    dw.add_(g_c @ b2[e] if e >= 0 else torch.linalg.vecdot(g_c, b2.index_select(0, plan.expert_N)))
+            g_c.mul_(w_c)
+            if need_w2:
+                dw2 = _wgrad(a_c, g_c, e, first, plan, dw2)
+            if need_b2:
+                _bgrad(g_c, e, plan, db2)
+            da_c.mul_(w_c)
+            dgate_c = None
+            if w3 is not None:
+                dgate_c = kern.fwd(h_c, _buffer(buf_act, e, m) if per_expert else torch.empty_like(h_c)).mul_(da_c)
+                da_c.mul_(g_NF[s:s + m])
+            dh_c = kern.bwd(da_c, h_c, _buffer(buf_dh, e, m) if per_expert else da_c)
+            if need_b1:
+                _bgrad(dh_c, e, plan, db1)
+            if need_w1 or need_w3:
+                x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
+                if need_w1:
+                    dw1 = _wgrad(x_c, dh_c, e, first, plan, dw1)
+                if need_w3:
+                    dw3 = _wgrad(x_c, dgate_c, e, first, plan, dw3)
+            if need_x:
+                dx_c = _lin(dh_c, w1.transpose(1, 2), None, e, plan, _buffer(buf_dx, e, m))
+                if w3 is not None:
+                    dx_c.add_(_lin(dgate_c, w3.transpose(1, 2), None, e, plan)) if e < 0 else dx_c.addmm_(dgate_c, w3[e].t())
+                dx_TD.index_add_(0, tok, dx_c)
+        return dx_TD, dw_N, dw1, dw2, dw3, db1, db2, None, None
+
+
+def dispatch_combine(experts: nn.Module, x_TD: torch.Tensor, token_idx_N: torch.Tensor,
+                     expert_idx_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_{n: token_n = t} w_n · expert_{e_n}(x[t])`` through any experts module with the
+    sorted-rows interface ``experts(x_ND_sorted, counts_E, expert_idx_N)``: sort by expert, gather,
+    run, scale and scatter-add back (T×O)."""
+    order_N = torch.argsort(expert_idx_N, stable=True)
+    token_N = token_idx_N.index_select(0, order_N)
+    expert_N = expert_idx_N.index_select(0, order_N)
+    counts_E = torch.bincount(expert_idx_N, minlength=experts.num_experts)
+    y_NO = experts(x_TD.index_select(0, token_N), counts_E, expert_N)
+    y_NO = y_NO * weight_N.index_select(0, order_N).to(y_NO.dtype)[:, None]
+    return y_NO.new_zeros(x_TD.shape[0], y_NO.shape[1]).index_add_(0, token_N, y_NO)
 
 
 class Experts(nn.Module):
@@ -39,22 +310,31 @@ class Experts(nn.Module):
         bias: biases on both projections (timm ``Mlp`` compatible; needed to upcycle a timm MLP).
         drop: dropout after the activation and after the output projection.
         norm_layer: optional norm on the hidden activations (timm ``Mlp``'s ``norm_layer``).
-        impl: ``"grouped"`` (grouped matmul), ``"loop"`` (reference) or ``"auto"`` (grouped when the
-            shapes meet its 16-byte stride rule, else loop).
+        impl: ``"auto"`` (the fused function when the activation is GELU/SiLU/ReLU/Identity, there
+            is no norm layer and no active dropout: chunked on CPU, grouped on GPU when the widths
+            meet grouped_mm's 16-byte stride rule; otherwise sort + ``forward`` under autograd),
+            ``"chunked"``, ``"grouped"`` or ``"loop"`` (the reference, also for ``forward``).
+        block_rows: R, rows per block of the chunked engine (None: 2 MiB of gathered rows, at
+            least 256 rows; an expert with more rows is split into near-equal blocks).
     """
 
     def __init__(self, num_experts: int, in_features: int, hidden_features: int, out_features: int | None = None,
                  act_layer: type[nn.Module] = nn.GELU, glu: bool = False, bias: bool = True, drop: float = 0.0,
-                 norm_layer: type[nn.Module] | None = None, impl: str = "auto", device=None, dtype=None):
+                 norm_layer: type[nn.Module] | None = None, impl: str = "auto", device=None, dtype=None, *,
+                 block_rows: int | None = None):
         super().__init__()
         E = check_positive_int("num_experts", num_experts)
         D = check_positive_int("in_features", in_features)
         F = check_positive_int("hidden_features", hidden_features)
         O = check_positive_int("out_features", out_features or in_features)
-        if impl not in ("auto", "grouped", "loop"):
-            raise ValueError(f"impl={impl!r} is not allowed: use 'auto', 'grouped' or 'loop'.")
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not allowed: use one of {', '.join(map(repr, IMPLS))}.")
+        if block_rows is not None:
+            check_positive_int("block_rows", block_rows)
         self.num_experts, self.in_features, self.hidden_features, self.out_features = E, D, F, O
         self.glu, self.impl = glu, impl
+        self.block_rows = block_rows or max(256, (1 << 21) // max(D, O))
+        self.cpu_engine = "chunked"  # the layout impl="auto" uses on CPU
         dd = {"device": device, "dtype": dtype}
         self.w1_EDF = nn.Parameter(_uniform_(torch.empty(E, D, F, **dd), D))
         self.w2_EFO = nn.Parameter(_uniform_(torch.empty(E, F, O, **dd), F))
@@ -64,6 +344,13 @@ class Experts(nn.Module):
         self.act = act_layer()
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.norm = norm_layer(F) if norm_layer is not None else nn.Identity()
+        if impl == "chunked" and not self._fusable():
+            raise ValueError(f"impl='chunked' is not allowed with act_layer={act_layer.__name__} and "
+                             f"norm_layer={norm_layer}: it needs GELU, SiLU, ReLU or Identity and no norm layer.")
+
+    def _fusable(self) -> bool:
+        """The fused engines need an activation with known kernels and no norm layer."""
+        return _act_kernels(self.act) is not None and isinstance(self.norm, nn.Identity)
 
     def _hidden(self, h_NF: torch.Tensor, g_NF: torch.Tensor | None) -> torch.Tensor:
         h_NF = self.act(h_NF) if g_NF is None else self.act(h_NF) * g_NF
@@ -76,22 +363,69 @@ class Experts(nn.Module):
         step = 16 // x_ND.element_size()
         return all(w % step == 0 for w in (self.in_features, self.hidden_features, self.out_features))
 
+    def engine(self, x: torch.Tensor) -> str:
+        """How ``forward_routed`` runs for input x: ``chunked`` or ``grouped`` (the fused function,
+        per-expert blocks or one grouped block), else ``composed`` (sort, gather, ``forward``,
+        scatter: grouped_mm or the loop inside, autograd throughout)."""
+        dropout_on = self.training and isinstance(self.drop, nn.Dropout)
+        if self.impl == "loop" or not self._fusable() or dropout_on:
+            return "composed"
+        grouped = self.grouped_ok(x)
+        if self.impl == "chunked" or (self.impl == "grouped" and not grouped):
+            return "chunked" if self.impl == "chunked" else "composed"
+        if self.impl == "grouped":
+            return "grouped"
+        if x.device.type == "cpu":
+            return self.cpu_engine
+        return "grouped" if grouped else "chunked"
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
+    def forward_routed(self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor,
+                       weight_N: torch.Tensor) -> torch.Tensor:
+        """``out[t] = Σ_{n: token_n = t} w_n · expert_{e_n}(x[t])`` for N assignments (any order).
+
+        x_TD: T×D; token_idx_N, expert_idx_N: int64 (N); weight_N: combine gates (N). Returns T×O in
+        the autocast dtype when autocast is on, else in x's dtype.
+        """
+        engine = self.engine(x_TD)
+        if engine == "composed":
+            return dispatch_combine(self, x_TD, token_idx_N, expert_idx_N, weight_N)
+        dt = self._compute_dtype(x_TD)
+        plan = _plan(token_idx_N, expert_idx_N, self.num_experts, x_TD.shape[0],
+                     self.block_rows if engine == "chunked" else None)
+        w_N = weight_N.index_select(0, plan.order_N).to(dt)
+        params = [None if p is None else p.to(dt) for p in (self.w1_EDF, self.w2_EFO, self.w3_EDF, self.b1_EF, self.b2_EO)]
+        x_TD = x_TD.to(dt).contiguous()
+        kern = _act_kernels(self.act)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x_TD, w_N, *params]):
+                return _RoutedExperts.apply(x_TD, w_N, *params, plan, kern)
+            return _routed_inference(x_TD, w_N, *params, plan, kern)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_idx_N: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of ``x_ND`` sorted by expert, ``counts_E`` rows each; ``expert_idx_N`` (the sorted
-        expert ids) is needed only with biases. Returns N×O."""
-        use_grouped = self.impl == "grouped" or (self.impl == "auto" and self.grouped_ok(x_ND))
-        if not use_grouped or x_ND.shape[0] == 0:
+        expert ids) is needed only with biases. Returns N×O (grouped matmul, or the loop)."""
+        use_grouped = self.impl in ("grouped", "chunked") or (self.impl == "auto" and self.grouped_ok(x_ND))
+        if not use_grouped or x_ND.shape[0] == 0 or not self.grouped_ok(x_ND):
             return self.forward_loop(x_ND, counts_E)
         x_ND = x_ND.contiguous()
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        w1, w2, w3 = self.w1_EDF.to(x_ND.dtype), self.w2_EFO.to(x_ND.dtype), self.w3_EDF
-        h_NF = _grouped_mm(x_ND, w1, offs=offs_E)
+        dt = x_ND.dtype
+        h_NF = _ContiguousGrad.apply(_grouped_mm(x_ND, self.w1_EDF.to(dt), offs=offs_E))
         if self.b1_EF is not None:
-            h_NF = h_NF + self.b1_EF.to(x_ND.dtype).index_select(0, expert_idx_N)
-        g_NF = None if w3 is None else _grouped_mm(x_ND, w3.to(x_ND.dtype), offs=offs_E)
-        y_NO = _grouped_mm(self._hidden(h_NF, g_NF).contiguous(), w2, offs=offs_E)
+            h_NF = h_NF + self.b1_EF.to(dt).index_select(0, expert_idx_N)
+        g_NF = None
+        if self.w3_EDF is not None:
+            g_NF = _ContiguousGrad.apply(_grouped_mm(x_ND, self.w3_EDF.to(dt), offs=offs_E))
+        y_NO = _grouped_mm(self._hidden(h_NF, g_NF).contiguous(), self.w2_EFO.to(dt), offs=offs_E)
+        y_NO = _ContiguousGrad.apply(y_NO)
         if self.b2_EO is not None:
-            y_NO = y_NO + self.b2_EO.to(x_ND.dtype).index_select(0, expert_idx_N)
+            y_NO = y_NO + self.b2_EO.to(dt).index_select(0, expert_idx_N)
         return self.drop(y_NO)
 
     def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The MoE layer: router + stacked experts (+ optional shared experts), a drop-in for timm's ``Mlp``.
 
-Sparse routings take the fast path: sort assignments by expert, gather the tokens once, run every
-expert with one grouped matmul per projection, scale by the combine gates and scatter-add back.
+Sparse routings take the fast path (``Experts.forward_routed``): sort assignments by expert, gather
+the tokens, run the experts (block by block on CPU, one grouped matmul per projection on GPU),
+scale by the combine gates and scatter-add back, with a hand-written backward.
 Soft routings (Soft MoE) take the einsum path over slots. Auxiliary losses stay on the router
 (``core.collect_aux_loss``); load statistics accumulate in buffers (``core.routing_stats``).
 
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from core.experts import Experts
+from core.experts import Experts, dispatch_combine
 from core.routers.base import Router, check_positive_int
 from core.routers.topk import TopKRouter
 from core.routing import Routing
@@ -37,7 +38,7 @@ class MoE(nn.Module):
             group (the whole batch when x is 2-D). A last partial group is padded and masked.
         num_shared_experts: always-on experts of width F each, added to the routed output.
         glu: gated (SwiGLU-style) experts.
-        expert_impl: ``"auto"`` | ``"grouped"`` | ``"loop"`` (see ``Experts``).
+        expert_impl: ``"auto"`` | ``"chunked"`` | ``"grouped"`` | ``"loop"`` (see ``Experts``).
         track_stats: accumulate routing statistics for ``core.routing_stats``.
 
     Example::
@@ -154,13 +155,10 @@ class MoE(nn.Module):
         return y_TO.view(*lead, self.out_features)
 
     def _combine_sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        order_N = torch.argsort(routing.expert_idx_N, stable=True)
-        token_N = routing.token_idx_N.index_select(0, order_N)
-        expert_N = routing.expert_idx_N.index_select(0, order_N)
-        counts_E = torch.bincount(routing.expert_idx_N, minlength=self.num_experts)
-        y_NO = self.experts(x_TD.index_select(0, token_N), counts_E, expert_N)
-        y_NO = y_NO * routing.weight_N.index_select(0, order_N).to(y_NO.dtype)[:, None]
-        return y_NO.new_zeros(x_TD.shape[0], self.out_features).index_add_(0, token_N, y_NO)
+        args = (x_TD, routing.token_idx_N, routing.expert_idx_N, routing.weight_N)
+        if hasattr(self.experts, "forward_routed"):  # fused gather/experts/combine (core.experts)
+            return self.experts.forward_routed(*args)
+        return dispatch_combine(self.experts, *args)
 
     def _combine_soft(self, x_GSD: torch.Tensor, routing: Routing) -> torch.Tensor:
         G, S, _ = x_GSD.shape

@@ -1,0 +1,409 @@
+"""``python -m core.bench``: how fast the MoE layer is, next to a dense FFN of the same activated FLOPs.
+
+Three tables (DESIGN.md §3):
+
+1. ``layer``: our ``MoE`` layer (router included: top-K with renormalised gates, dropless, no noise,
+   bias-free GELU experts) against the dense FFN with hidden width K·F and against the other
+   implementation styles of ``core.bench_styles`` (per-expert loop, capacity buffer + bmm, one-hot
+   einsum), forward (``inference_mode``) and forward+backward (a contiguous upstream gradient),
+   for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 at T=4096, D=512.
+2. ``routers``: every ``conf/router/*.yaml`` router's forward time at T=4096 (one group), D=512,
+   E=32 relative to ``topk``, and as a share of the MoE layer's forward time with that router;
+   shares above 25% are flagged.
+3. ``e2e`` (opt-in, ``--e2e``): training throughput (forward, backward, AdamW step) of the default
+   V-MoE (ViT patch 4 on 28×28×1, width 96, depth 6, E=8 top-2 cf 1.05 in every other block)
+   against the dense ViT whose MLPs in those blocks are K times wider (same activated FLOPs).
+
+Method (background: systems.md §4): one process, warm-ups, then interleaved rounds (every engine
+once per round) and the minimum and median per engine; ``ratio_to_dense`` = t_dense / t_engine from
+the minima, so 1.0 is the dense speed. On CPU the run uses fp32 and all cores, and the process
+re-executes itself with glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised unless
+they are set (``--default-malloc`` keeps glibc's defaults); the settings used go into the JSON.
+On GPU (``--device cuda``) it uses bf16 autocast.
+
+Example::
+
+    python -m core.bench                        # layer + routers tables, JSON in bench_results/
+    python -m core.bench --quick --tables layer # a small smoke run
+    python -m core.bench --e2e --out bench_results/full.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from core.bench_styles import CapacityBmmMoE, DenseFFN, EinsumMoE, LoopMoE
+from core.moe import MoE
+from core.routers.topk import TopKRouter
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+LAYER_CONFIGS = ((8, 2, 1024), (32, 8, 256), (64, 8, 128))  # (E, K, F)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROUTER_SHARE_LIMIT = 0.25
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: int, device: torch.device,
+                     budget_s: float = float("inf")) -> dict[str, list[float]]:
+    """Seconds per call of every function, measured in interleaved rounds after warm-ups.
+
+    A function whose warm-up shows it would exceed ``budget_s`` over all rounds gets fewer rounds
+    (at least 2), so one very slow style does not dominate the run.
+    """
+    allowed = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmups)):
+            fn()
+            _sync(device)
+        per_call = (time.perf_counter() - t0) / max(1, warmups)
+        fits = rounds if budget_s == float("inf") else int(budget_s / max(per_call, 1e-9))
+        allowed[name] = max(2, min(rounds, fits))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if r >= allowed[name]:
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(ts: list[float]) -> dict:
+    return {"min_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3, "rounds": len(ts)}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _forward_fn(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    def run():
+        with torch.inference_mode(), _autocast(device):
+            model(x)
+    return run
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        with _autocast(device):
+            y = model(x)
+        y.backward(grad.to(y.dtype))
+        x.grad = None
+        for p in params:
+            p.grad = None
+    return run
+
+
+# ---- table 1: the layer against dense and the other styles -------------------------------------
+
+def moe_router(top_k: int) -> Callable:
+    """The benchmark's router: Mixtral-style dropless top-K (renormalised, no noise, no aux loss)."""
+    return functools.partial(TopKRouter, top_k=top_k, capacity_factor=None, noise_std=0.0, renormalize=True,
+                             importance_loss_weight=0.0, load_loss_weight=0.0)
+
+
+def build_engines(D: int, E: int, K: int, F: int, capacity_factor: float, styles: bool) -> dict[str, nn.Module]:
+    engines: dict[str, nn.Module] = {
+        "dense": DenseFFN(D, K * F),
+        "ours": MoE(D, F, bias=False, num_experts=E, router=moe_router(K)),
+    }
+    if styles:
+        engines["loop"] = LoopMoE(D, F, E, K)
+        engines["capacity_bmm"] = CapacityBmmMoE(D, F, E, K, capacity_factor)
+        engines["einsum"] = EinsumMoE(D, F, E, K, capacity_factor)
+    return engines
+
+
+def layer_table(args, device: torch.device) -> list[dict]:
+    T, D = (512, 128) if args.quick else (args.tokens, args.dim)
+    records = []
+    for E, K, F in LAYER_CONFIGS:
+        if args.quick:
+            F = max(16, F // 8)
+        torch.manual_seed(0)
+        engines = {n: m.to(device) for n, m in build_engines(D, E, K, F, args.capacity_factor, not args.no_styles).items()}
+        x = torch.randn(T, D, device=device)
+        x_req = x.clone().requires_grad_(True)
+        grad = torch.randn(T, D, device=device)
+        for pass_name in ("fwd", "fwd+bwd"):
+            for m in engines.values():
+                m.train(pass_name == "fwd+bwd")
+            fns = {n: (_forward_fn(m, x, device) if pass_name == "fwd" else _train_fn(m, x_req, grad, device))
+                   for n, m in engines.items()}
+            times = time_interleaved(fns, args.rounds, args.warmups, device, budget_s=args.style_budget_s)
+            t_dense = min(times["dense"])
+            for name, ts in times.items():
+                records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
+                                "pass": pass_name, "tokens_per_s": T / min(ts),
+                                "ratio_to_dense": t_dense / min(ts), **_summary(ts)})
+            _print_partial(records[-len(times):])
+        del engines
+    return records
+
+
+def _print_partial(recs: list[dict]) -> None:
+    r0 = recs[0]
+    line = "  ".join(f"{r['engine']}={r['ratio_to_dense']:.2f}" for r in recs)
+    print(f"  [E={r0['E']} K={r0['K']} F={r0['F']} {r0['pass']}] {line}", file=sys.stderr, flush=True)
+
+
+# ---- table 2: routing cost of every configured router ------------------------------------------
+
+def router_partials() -> dict[str, Callable]:
+    """Every ``conf/router/*.yaml`` instantiated as Hydra composes it (aliases included)."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    out = {}
+    for path in sorted((CONF_DIR / "router").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        if "defaults" in cfg:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(overrides=[f"+router={path.stem}"]).router
+        out[path.stem] = hydra.utils.instantiate(cfg)
+    return out
+
+
+def routers_table(args, device: torch.device) -> list[dict]:
+    """Router forward alone and the whole MoE layer forward, both in training mode without autograd
+    (noise, capacity and auxiliary losses as in training), one group of T tokens."""
+    T, D, E, F = (512, 64, 32, 32) if args.quick else (args.tokens, args.dim, 32, 256)
+    torch.manual_seed(0)
+    x_GSD = torch.randn(1, T, D, device=device)
+    ids_GS = torch.randint(0, 50_000, (1, T), device=device)
+    records, fns, meta = [], {}, {}
+    for name, partial in router_partials().items():
+        try:
+            layer = MoE(D, F, bias=False, num_experts=E, router=partial).to(device).train()
+        except (ValueError, TypeError) as err:
+            records.append({"table": "routers", "router": name, "E": E, "T": T, "D": D, "F": F,
+                            "error": f"{type(err).__name__}: {err}"})
+            continue
+        kw = {"token_ids_GS": ids_GS} if layer.router.needs_token_ids else {}
+        layer_kw = {"token_ids": ids_GS} if layer.router.needs_token_ids else {}
+
+        def run_router(r=layer.router, kw=kw):
+            with torch.no_grad(), _autocast(device):
+                r(x_GSD, None, **kw)
+
+        def run_layer(m=layer, kw=layer_kw):
+            with torch.no_grad(), _autocast(device):
+                m(x_GSD, **kw)
+        fns[f"{name}/router"], fns[f"{name}/layer"] = run_router, run_layer
+        meta[name] = type(layer.router).__name__
+    times = time_interleaved(fns, args.rounds, args.warmups, device)
+    t_topk = min(times["topk/router"]) if "topk/router" in times else float("nan")
+    for name, cls in meta.items():
+        t_r, t_l = min(times[f"{name}/router"]), min(times[f"{name}/layer"])
+        share = t_r / t_l
+        records.append({"table": "routers", "router": name, "class": cls, "E": E, "T": T, "D": D, "F": F,
+                        "router_ms": t_r * 1e3, "router_median_ms": statistics.median(times[f"{name}/router"]) * 1e3,
+                        "layer_ms": t_l * 1e3, "relative_to_topk": t_r / t_topk, "share_of_layer": share,
+                        "over_limit": share > ROUTER_SHARE_LIMIT, "rounds": len(times[f"{name}/router"])})
+    return records
+
+
+# ---- table 3: end-to-end V-MoE training throughput ---------------------------------------------
+
+def vit_pair(quick: bool) -> tuple[nn.Module, nn.Module, str]:
+    """(V-MoE, dense ViT of the same activated FLOPs, where the V-MoE came from)."""
+    import timm
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+                mlp_ratio=4.0, global_pool="avg", class_token=False)
+    E, K, hidden = 8, 2, 384
+    try:
+        import vision.models  # noqa: F401  (registers the vmoe_* names with timm)
+        moe_model = timm.create_model("vmoe_tiny_patch4_28")
+        blocks = [i for i, b in enumerate(moe_model.blocks) if isinstance(b.mlp, MoE)]
+        source = "vision.models:vmoe_tiny_patch4_28"
+    except Exception as err:  # the vision package may be absent or mid-edit: build the same model here
+        moe_model = VisionTransformer(**args)
+        blocks = list(range(1, args["depth"], 2))
+        for i in blocks:
+            moe_model.blocks[i].mlp = MoE(96, hidden, num_experts=E,
+                                          router=functools.partial(TopKRouter, top_k=K, capacity_factor=1.05))
+        source = f"timm VisionTransformer + core.moe ({type(err).__name__})"
+    dense = VisionTransformer(**args)
+    for i in blocks:
+        dense.blocks[i].mlp = Mlp(96, K * hidden)
+    return moe_model, dense, source
+
+
+def e2e_table(args, device: torch.device) -> list[dict]:
+    import core
+
+    B = 16 if args.quick else args.batch_size
+    steps = 1 if args.quick else args.e2e_steps
+    torch.manual_seed(0)
+    moe_model, dense, source = vit_pair(args.quick)
+    x = torch.randn(B, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
+    fns = {}
+    for name, model in (("dense_vit", dense), ("vmoe", moe_model)):
+        model.to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def run(model=model, opt=opt):
+            for _ in range(steps):
+                with _autocast(device):
+                    loss = nn.functional.cross_entropy(model(x), y) + core.collect_aux_loss(model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                core.after_optimizer_step(model)
+        fns[name] = run
+    times = time_interleaved(fns, args.rounds, args.warmups, device)
+    t_dense = min(times["dense_vit"])
+    return [{"table": "e2e", "engine": name, "source": source if name == "vmoe" else "timm VisionTransformer",
+             "batch_size": B, "steps_per_round": steps, "images_per_s": B * steps / min(ts),
+             "ratio_to_dense": t_dense / min(ts), **_summary(ts)} for name, ts in times.items()]
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def format_tables(records: list[dict]) -> str:
+    lines = []
+    layer = [r for r in records if r["table"] == "layer"]
+    if layer:
+        lines += ["", "Layer: tokens/s (ratio to dense), min over rounds",
+                  f"{'E':>3} {'K':>2} {'F':>5} {'pass':<8} " + " ".join(f"{e:>20}" for e in _engines(layer))]
+        for key in dict.fromkeys((r["E"], r["K"], r["F"], r["pass"]) for r in layer):
+            row = {r["engine"]: r for r in layer if (r["E"], r["K"], r["F"], r["pass"]) == key}
+            cells = [f"{row[e]['tokens_per_s']:>11.0f} ({row[e]['ratio_to_dense']:.2f})" if e in row else f"{'-':>20}"
+                     for e in _engines(layer)]
+            lines.append(f"{key[0]:>3} {key[1]:>2} {key[2]:>5} {key[3]:<8} " + " ".join(f"{c:>20}" for c in cells))
+        lines.append("Median ms: " + "; ".join(
+            f"E={r['E']} {r['pass']} {r['engine']} {r['median_ms']:.1f}" for r in layer if r["engine"] == "ours"))
+    routers = [r for r in records if r["table"] == "routers"]
+    if routers:
+        r0 = routers[0]
+        lines += ["", f"Routers: forward time at T={r0['T']} (one group), D={r0['D']}, E={r0['E']}, F={r0['F']}",
+                  f"{'router':<24} {'ms':>8} {'x topk':>7} {'layer ms':>9} {'share':>6}"]
+        for r in routers:
+            if "error" in r:
+                lines.append(f"{r['router']:<24} n/a  {r['error'][:70]}")
+                continue
+            flag = "  > 25%" if r["over_limit"] else ""
+            lines.append(f"{r['router']:<24} {r['router_ms']:>8.2f} {r['relative_to_topk']:>7.2f} "
+                         f"{r['layer_ms']:>9.2f} {r['share_of_layer']:>6.1%}{flag}")
+    e2e = [r for r in records if r["table"] == "e2e"]
+    if e2e:
+        lines += ["", f"End-to-end training (batch {e2e[0]['batch_size']}, fwd+bwd+AdamW): images/s"]
+        for r in e2e:
+            lines.append(f"{r['engine']:<10} {r['images_per_s']:>9.1f}  ratio {r['ratio_to_dense']:.2f}  "
+                         f"median {r['median_ms']:.1f} ms  ({r['source']})")
+    return "\n".join(lines)
+
+
+def _engines(layer: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["engine"] for r in layer))
+
+
+def environment(args, device: torch.device) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "allocator": {k: os.environ.get(k) for k in (*MALLOC_ENV, "LD_PRELOAD")},
+        "quick": args.quick, "rounds": args.rounds, "warmups": args.warmups,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tables", default="layer,routers", help="comma list of layer, routers, e2e")
+    p.add_argument("--e2e", action="store_true", help="add the end-to-end V-MoE table")
+    p.add_argument("--quick", action="store_true", help="small shapes and 2 rounds (smoke test)")
+    p.add_argument("--out", default="bench_results/bench.json", help="JSON output path")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; --quick 2)")
+    p.add_argument("--warmups", type=int, default=None, help="warm-up calls per engine (default 2; --quick 1)")
+    p.add_argument("--tokens", type=int, default=4096, help="T")
+    p.add_argument("--dim", type=int, default=512, help="D")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="cf of the capacity and einsum styles")
+    p.add_argument("--style-budget-s", type=float, default=30.0,
+                   help="seconds per engine and pass beyond which a slow style runs fewer rounds (min 2)")
+    p.add_argument("--no-styles", action="store_true", help="only dense and ours in the layer table")
+    p.add_argument("--batch-size", type=int, default=128, help="e2e batch size")
+    p.add_argument("--e2e-steps", type=int, default=3, help="training steps per e2e round")
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's default allocator settings")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.quick else 9)
+    args.warmups = args.warmups if args.warmups is not None else (1 if args.quick else 2)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    if args.e2e and "e2e" not in tables:
+        tables.append("e2e")
+    unknown = set(tables) - {"layer", "routers", "e2e"}
+    if unknown:
+        p.error(f"--tables: unknown table(s) {sorted(unknown)}; use layer, routers, e2e")
+    args.tables = tables
+    return args
+
+
+def _reexec_with_allocator(args) -> None:
+    """glibc returns big blocks to the OS, so every fresh T·K×D buffer page-faults (systems.md §3):
+    raise the mmap/trim thresholds for this process by re-executing it with them set."""
+    if args.default_malloc or all(k in os.environ for k in MALLOC_ENV) or platform.system() != "Linux":
+        return
+    env = dict(os.environ, **MALLOC_ENV)
+    os.execve(sys.executable, [sys.executable, "-m", "core.bench", *sys.argv[1:]], env)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if argv is None:
+        _reexec_with_allocator(args)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    env = environment(args, device)
+    print(f"core.bench on {env['device']} ({env['dtype']}), torch {env['torch']}, {env['threads']} threads, "
+          f"allocator {env['allocator']}", flush=True)
+    records: list[dict] = []
+    builders = {"layer": layer_table, "routers": routers_table, "e2e": e2e_table}
+    for table in args.tables:
+        records += builders[table](args, device)
+    print(format_tables(records), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "records": records}, indent=1))
+    print(f"\nwrote {out}", flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
