@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from core.analytics import RoutingRecorder, stability_from_counts
+from core.lora_experts import LoRAExperts
 from core.engine import NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
@@ -58,7 +59,8 @@ def build_model(cfg: DictConfig, vocab_size: int) -> MoETransformerLM:
 
 def router_label(cfg: DictConfig, model: MoETransformerLM) -> str:
     """The run's row name: ``router_name`` if set, else the ``+router=`` choice (``mixtral`` when
-    none); ``none`` for the dense model; `` (non-causal)`` appended when the routing sees later tokens."""
+    none); ``none`` for the dense model; `` (lora experts)`` for LoRA expert banks; `` (non-causal)``
+    appended when the routing sees later tokens."""
     if not model.moe_layers:
         return "none"
     name = cfg.get("router_name")
@@ -66,6 +68,8 @@ def router_label(cfg: DictConfig, model: MoETransformerLM) -> str:
         name = "mixtral" if cfg.get("router") is None else _hydra_choice("router")
     if not name:
         name = str(cfg.router.get("_target_", "custom")).rsplit(".", 2)[-2]  # the router's module
+    if any(isinstance(m.experts, LoRAExperts) for m in model.moe_modules()):
+        name = f"{name} (lora experts)"
     return name if model.is_causal else f"{name} (non-causal)"
 
 

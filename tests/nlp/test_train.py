@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import core
 from nlp.generate import generate_text, load_model
 from nlp.generate import main as generate_main
-from nlp.train import train
+from nlp.train import build_model, router_label, train
 from tests.conftest import make_router_partial
 from tests.nlp.conftest import SEQ, VOCAB, causal_router_names, compose_nlp, tiny_lm
 
@@ -100,3 +100,12 @@ def test_dense_baseline_and_noncausal_label(tmp_path):
     ec = train(compose_nlp("+router=expert_choice", "model.allow_noncausal_routing=true", "trainer.max_steps=3",
                            f"output_dir={tmp_path / 'ec'}"))
     assert ec["router"] == "expert_choice (non-causal)" and ec["causal"] is False
+
+
+def test_row_labels_name_the_router_and_the_expert_form():
+    cfg = compose_nlp("model=nlp/tiny_lora")
+    assert router_label(cfg, build_model(cfg, VOCAB)) == "mixtral (lora experts)"
+    cfg = compose_nlp("+router=switch")  # no Hydra runtime here: the router's module names it
+    assert router_label(cfg, build_model(cfg, VOCAB)) == "switch"
+    cfg = compose_nlp("+router=soft", "model.allow_noncausal_routing=true", "router_name=soft_moe")
+    assert router_label(cfg, build_model(cfg, VOCAB)) == "soft_moe (non-causal)"
