@@ -13,6 +13,8 @@ from core.routers.topk import TopKRouter
 from nlp.models import MoETransformerLM, moe_layer_indices
 from tests.nlp.conftest import SEQ, VOCAB, is_causal_router, tiny_lm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
+
 PERTURBED = (0, 6, SEQ - 2)  # change token t+1, compare positions <= t
 
 

@@ -16,6 +16,8 @@ from nlp.train import build_model, router_label, train
 from tests.conftest import make_router_partial
 from tests.nlp.conftest import SEQ, VOCAB, causal_router_names, compose_nlp, tiny_lm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
+
 
 @pytest.mark.parametrize("name", causal_router_names())
 def test_every_causal_router_lowers_the_loss(name):
@@ -40,7 +42,7 @@ def test_every_causal_router_lowers_the_loss(name):
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def default_run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("nlp_default")
     cfg = compose_nlp("trainer.max_steps=8", "trainer.checkpoint_every_steps=null", f"output_dir={out}")
     return out, train(cfg)
