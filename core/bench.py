@@ -3,7 +3,8 @@
 Three tables (DESIGN.md §3):
 
 1. ``layer``: our ``MoE`` layer (router included: top-K with renormalised gates, dropless, no noise,
-   bias-free GELU experts) against the dense FFN with hidden width K·F and against the other
+   bias-free GELU experts) against the dense FFN with hidden width K·F, against the same layer
+   with the other layout of its expert function (``ours_grouped`` on CPU), and against the other
    implementation styles of ``core.bench_styles`` (per-expert loop, capacity buffer + bmm, one-hot
    einsum), forward (``inference_mode``) and forward+backward (a contiguous upstream gradient),
    for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 at T=4096, D=512.
@@ -64,19 +65,21 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: int, device: torch.device,
-                     budget_s: float = float("inf")) -> dict[str, list[float]]:
+                     budget_s: float = float("inf"), clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in interleaved rounds after warm-ups.
 
     A function whose warm-up shows it would exceed ``budget_s`` over all rounds gets fewer rounds
-    (at least 2), so one very slow style does not dominate the run.
+    (at least 2), so one very slow style does not dominate the run. ``clock`` is wall time, or
+    ``time.process_time`` (CPU seconds of this process: with one thread, a measure that other
+    processes sharing the cores barely disturb).
     """
     allowed = {}
     for name, fn in fns.items():
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(max(1, warmups)):
             fn()
             _sync(device)
-        per_call = (time.perf_counter() - t0) / max(1, warmups)
+        per_call = (clock() - t0) / max(1, warmups)
         fits = rounds if budget_s == float("inf") else int(budget_s / max(per_call, 1e-9))
         allowed[name] = max(2, min(rounds, fits))
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -85,10 +88,10 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
             if r >= allowed[name]:
                 continue
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -130,15 +133,21 @@ def moe_router(top_k: int) -> Callable:
                              importance_loss_weight=0.0, load_loss_weight=0.0)
 
 
-def build_engines(D: int, E: int, K: int, F: int, capacity_factor: float, styles: bool) -> dict[str, nn.Module]:
+STYLES = ("loop", "capacity_bmm", "einsum")
+
+
+def build_engines(D: int, E: int, K: int, F: int, capacity_factor: float, styles: tuple[str, ...] = STYLES,
+                  variants: bool = True, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
     engines: dict[str, nn.Module] = {
         "dense": DenseFFN(D, K * F),
         "ours": MoE(D, F, bias=False, num_experts=E, router=moe_router(K)),
     }
-    if styles:
-        engines["loop"] = LoopMoE(D, F, E, K)
-        engines["capacity_bmm"] = CapacityBmmMoE(D, F, E, K, capacity_factor)
-        engines["einsum"] = EinsumMoE(D, F, E, K, capacity_factor)
+    if variants:  # our layer with the other layout of the fused expert function
+        other = "grouped" if engines["ours"].experts.engine(torch.zeros(1, D, device=device)) == "chunked" else "chunked"
+        engines[f"ours_{other}"] = MoE(D, F, bias=False, num_experts=E, router=moe_router(K), expert_impl=other)
+    builders = {"loop": lambda: LoopMoE(D, F, E, K), "capacity_bmm": lambda: CapacityBmmMoE(D, F, E, K, capacity_factor),
+                "einsum": lambda: EinsumMoE(D, F, E, K, capacity_factor)}
+    engines.update({name: builders[name]() for name in styles})
     return engines
 
 
@@ -149,7 +158,7 @@ def layer_table(args, device: torch.device) -> list[dict]:
         if args.quick:
             F = max(16, F // 8)
         torch.manual_seed(0)
-        engines = {n: m.to(device) for n, m in build_engines(D, E, K, F, args.capacity_factor, not args.no_styles).items()}
+        engines = {n: m.to(device) for n, m in build_engines(D, E, K, F, args.capacity_factor, args.styles, device=device).items()}
         x = torch.randn(T, D, device=device)
         x_req = x.clone().requires_grad_(True)
         grad = torch.randn(T, D, device=device)
@@ -158,7 +167,7 @@ def layer_table(args, device: torch.device) -> list[dict]:
                 m.train(pass_name == "fwd+bwd")
             fns = {n: (_forward_fn(m, x, device) if pass_name == "fwd" else _train_fn(m, x_req, grad, device))
                    for n, m in engines.items()}
-            times = time_interleaved(fns, args.rounds, args.warmups, device, budget_s=args.style_budget_s)
+            times = time_interleaved(fns, args.rounds, args.warmups, device, args.style_budget_s, args.clock_fn)
             t_dense = min(times["dense"])
             for name, ts in times.items():
                 records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
@@ -220,7 +229,7 @@ def routers_table(args, device: torch.device) -> list[dict]:
                 m(x_GSD, **kw)
         fns[f"{name}/router"], fns[f"{name}/layer"] = run_router, run_layer
         meta[name] = type(layer.router).__name__
-    times = time_interleaved(fns, args.rounds, args.warmups, device)
+    times = time_interleaved(fns, args.rounds, args.warmups, device, clock=args.clock_fn)
     t_topk = min(times["topk/router"]) if "topk/router" in times else float("nan")
     for name, cls in meta.items():
         t_r, t_l = min(times[f"{name}/router"]), min(times[f"{name}/layer"])
@@ -234,7 +243,7 @@ def routers_table(args, device: torch.device) -> list[dict]:
 
 # ---- table 3: end-to-end V-MoE training throughput ---------------------------------------------
 
-def vit_pair(quick: bool) -> tuple[nn.Module, nn.Module, str]:
+def vit_pair() -> tuple[nn.Module, nn.Module, str]:
     """(V-MoE, dense ViT of the same activated FLOPs, where the V-MoE came from)."""
     import timm
     from timm.layers import Mlp
@@ -256,8 +265,10 @@ def vit_pair(quick: bool) -> tuple[nn.Module, nn.Module, str]:
                                           router=functools.partial(TopKRouter, top_k=K, capacity_factor=1.05))
         source = f"timm VisionTransformer + core.moe ({type(err).__name__})"
     dense = VisionTransformer(**args)
-    for i in blocks:
-        dense.blocks[i].mlp = Mlp(96, K * hidden)
+    for i in blocks:  # K times the expert width: the activated FLOPs of a top-K MoE MLP
+        layer = moe_model.blocks[i].mlp
+        width = getattr(layer.router, "top_k", K) * layer.experts.hidden_features
+        dense.blocks[i].mlp = Mlp(layer.in_features, width)
     return moe_model, dense, source
 
 
@@ -267,7 +278,7 @@ def e2e_table(args, device: torch.device) -> list[dict]:
     B = 16 if args.quick else args.batch_size
     steps = 1 if args.quick else args.e2e_steps
     torch.manual_seed(0)
-    moe_model, dense, source = vit_pair(args.quick)
+    moe_model, dense, source = vit_pair()
     x = torch.randn(B, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (B,), device=device)
     fns = {}
@@ -284,9 +295,14 @@ def e2e_table(args, device: torch.device) -> list[dict]:
                 opt.zero_grad(set_to_none=True)
                 core.after_optimizer_step(model)
         fns[name] = run
-    times = time_interleaved(fns, args.rounds, args.warmups, device)
+    times = time_interleaved(fns, args.rounds, args.warmups, device, clock=args.clock_fn)
     t_dense = min(times["dense_vit"])
+    moe = next(m for m in moe_model.modules() if isinstance(m, MoE))
+    config = {"num_experts": moe.num_experts, "top_k": getattr(moe.router, "top_k", None),
+              "capacity_factor": getattr(moe.router, "capacity_factor", None), "router": type(moe.router).__name__,
+              "moe_blocks": [i for i, b in enumerate(moe_model.blocks) if isinstance(b.mlp, MoE)]}
     return [{"table": "e2e", "engine": name, "source": source if name == "vmoe" else "timm VisionTransformer",
+             "vmoe": config,
              "batch_size": B, "steps_per_round": steps, "images_per_s": B * steps / min(ts),
              "ratio_to_dense": t_dense / min(ts), **_summary(ts)} for name, ts in times.items()]
 
@@ -339,7 +355,9 @@ def environment(args, device: torch.device) -> dict:
         "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "allocator": {k: os.environ.get(k) for k in (*MALLOC_ENV, "LD_PRELOAD")},
-        "quick": args.quick, "rounds": args.rounds, "warmups": args.warmups,
+        "openmp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "quick": args.quick, "rounds": args.rounds, "warmups": args.warmups, "clock": args.clock,
     }
 
 
@@ -357,12 +375,17 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", type=float, default=1.25, help="cf of the capacity and einsum styles")
     p.add_argument("--style-budget-s", type=float, default=30.0,
                    help="seconds per engine and pass beyond which a slow style runs fewer rounds (min 2)")
-    p.add_argument("--no-styles", action="store_true", help="only dense and ours in the layer table")
+    p.add_argument("--styles", default=",".join(STYLES), help=f"comma list of other styles to time (of {', '.join(STYLES)}; '' for none)")
     p.add_argument("--batch-size", type=int, default=128, help="e2e batch size")
     p.add_argument("--e2e-steps", type=int, default=3, help="training steps per e2e round")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures host CPU time: use it with --device cpu")
+    args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
     args.rounds = args.rounds or (2 if args.quick else 9)
     args.warmups = args.warmups if args.warmups is not None else (1 if args.quick else 2)
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -372,6 +395,9 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--tables: unknown table(s) {sorted(unknown)}; use layer, routers, e2e")
     args.tables = tables
+    args.styles = tuple(t.strip() for t in args.styles.split(",") if t.strip())
+    if set(args.styles) - set(STYLES):
+        p.error(f"--styles: unknown style(s) {sorted(set(args.styles) - set(STYLES))}; use {', '.join(STYLES)}")
     return args
 
 
@@ -392,7 +418,11 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads or os.cpu_count())
     env = environment(args, device)
     print(f"core.bench on {env['device']} ({env['dtype']}), torch {env['torch']}, {env['threads']} threads, "
-          f"allocator {env['allocator']}", flush=True)
+          f"{args.clock} clock, allocator {env['allocator']}", flush=True)
+    load = env["load_average"]
+    if device.type == "cpu" and args.clock == "wall" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load[0]:.1f} on {os.cpu_count()} cores: other processes share the CPU, "
+              "so wall-clock ratios are unreliable (try --threads 1 --clock cpu)", flush=True)
     records: list[dict] = []
     builders = {"layer": layer_table, "routers": routers_table, "e2e": e2e_table}
     for table in args.tables:

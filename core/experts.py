@@ -68,7 +68,7 @@ class _ActKernels(NamedTuple):
 
 
 def _act_kernels(act: nn.Module) -> _ActKernels | None:
-    """Out-variant kernels for the activations the chunked engine knows (exact types only, so a
+    """Out-variant kernels for the activations the fused function knows (exact types only, so a
     subclass with a different forward falls back to autograd)."""
     aten = torch.ops.aten
     if type(act) is nn.GELU:
@@ -253,7 +253,7 @@ class _RoutedExperts(torch.autograd.Function):
             g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
             da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
             if need_w:
-                dw = torch.linalg.vecdot(da_c, a_c, out=dw_N[s:s + m])
+                dw = torch.sum(torch.mul(da_c, a_c, out=_buffer(buf_dh, e, m)), 1, out=dw_N[s:s + m])
                 if b2 is not None:  # the expert output is a W2 + b2
                     dw.add_(g_c @ b2[e] if e >= 0 else torch.linalg.vecdot(g_c, b2.index_select(0, plan.expert_N)))
             g_c.mul_(w_c)
