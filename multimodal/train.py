@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from open_clip.loss import ClipLoss
 
 from core.engine import Trainer, TrainerConfig, seed_everything
+from core.runs import hydra_choice, run_dir
 from multimodal.data import MultimodalData, build_data, labelled_loader, pair_loader
 from multimodal.models import LIMoE, modality_usage, reset_modality_usage
 
@@ -126,14 +127,6 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
 # ------------------------------------------------------------------------------------------- train
 
 
-def _hydra_choice(group: str) -> str | None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return HydraConfig.get().runtime.choices.get(group)
-    except ValueError:  # not running under @hydra.main
-        return None
-
-
 def router_label(cfg: DictConfig, model: torch.nn.Module) -> str:
     """The run's row name: ``none (dense)``, the ``+router=`` choice, or the model's own router."""
     if not is_moe(model):
@@ -147,17 +140,11 @@ def router_label(cfg: DictConfig, model: torch.nn.Module) -> str:
         parts += ["bpr"] if r.get("batch_priority") else []
         parts += ["renormalized"] if r.get("renormalize") else []
         return f"default ({' '.join(parts)})"
-    return _hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
+    return hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
 
 
 def _out_dir(cfg: DictConfig) -> Path:
-    if cfg.get("out_dir"):
-        return Path(cfg.out_dir)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("outputs/multimodal/run")
+    return run_dir(cfg.get("out_dir"), "outputs/multimodal/run")
 
 
 def build_loaders(cfg: DictConfig, data: MultimodalData, routing: bool = True):
@@ -194,7 +181,7 @@ def train(cfg: DictConfig) -> dict:
     label = router_label(cfg, model)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
-    info = {"domain": DOMAIN, "router": label, "model": cfg.get("model_name") or _hydra_choice("model") or "custom",
+    info = {"domain": DOMAIN, "router": label, "model": cfg.get("model_name") or hydra_choice("model") or "custom",
             "train_pairs": len(data.train), "val_pairs": len(data.val),
             "zeroshot_images": 0 if data.zeroshot is None else len(data.zeroshot)}
     log.info("multimodal: model=%s router=%s, %.2fM parameters, %d training pairs", info["model"], label,

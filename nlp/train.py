@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.analytics import RoutingRecorder, stability_from_counts
 from core.lora_experts import LoRAExperts
 from core.engine import NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
+from core.runs import hydra_choice, run_dir
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
 
@@ -65,18 +66,12 @@ def router_label(cfg: DictConfig, model: MoETransformerLM) -> str:
         return "none"
     name = cfg.get("router_name")
     if not name:
-        name = "mixtral" if cfg.get("router") is None else _hydra_choice("router")
+        name = "mixtral" if cfg.get("router") is None else hydra_choice("router")
     if not name:
         name = str(cfg.router.get("_target_", "custom")).rsplit(".", 2)[-2]  # the router's module
     if any(isinstance(m.experts, LoRAExperts) for m in model.moe_modules()):
         name = f"{name} (lora experts)"
     return name if model.is_causal else f"{name} (non-causal)"
-
-
-def _hydra_choice(group: str) -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def lm_loss(model: MoETransformerLM, batch) -> tuple[torch.Tensor, dict]:
@@ -232,13 +227,7 @@ class _SnapshotLoss:
 
 def output_dir(cfg: DictConfig) -> Path:
     """``cfg.output_dir``, else Hydra's run directory, else the working directory."""
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path.cwd()
+    return run_dir(cfg.get("output_dir"))
 
 
 def _resumed_step(trainer_cfg: TrainerConfig, out_dir: Path) -> int:
@@ -265,7 +254,7 @@ def prepare(cfg: DictConfig):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {"domain": "nlp", "router": router_label(cfg, model), "causal": model.is_causal,
-            "model": cfg.get("model_name") or _hydra_choice("model") or "custom",
+            "model": cfg.get("model_name") or hydra_choice("model") or "custom",
             "moe_layers": model.moe_layers, "num_experts": cfg.model.num_experts if model.moe_layers else 0,
             "dataset": d.path or "wordnet_glosses", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "seq_len": d.seq_len, "train_tokens": len(train_set) * d.seq_len, "val_tokens": len(val_set) * d.seq_len}
@@ -371,7 +360,7 @@ def main(cfg: DictConfig) -> float | None:
         # in a sweep over every router, a non-causal router gets an n/a row
         out = output_dir(cfg)
         out.mkdir(parents=True, exist_ok=True)
-        name = cfg.get("router_name") or _hydra_choice("router") or "custom"
+        name = cfg.get("router_name") or hydra_choice("router") or "custom"
         (out / "metrics.json").write_text(json.dumps(
             {"domain": "nlp", "router": name, "status": "n/a", "reason": str(err)}, indent=2) + "\n")
         print(f"n/a: {err}", file=sys.stderr)

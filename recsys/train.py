@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +29,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from core.engine import Trainer, TrainerConfig, seed_everything
+from core.runs import hydra_choice, run_dir
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
 from recsys.models import GateError, gate_stats, mixtures, reset_gate_stats
 
@@ -160,14 +160,6 @@ def make_evaluate(tasks: Sequence[TaskSpec]):
     return evaluate
 
 
-def _hydra_choice(group: str) -> str | None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return HydraConfig.get().runtime.choices.get(group)
-    except ValueError:  # not running under @hydra.main
-        return None
-
-
 def _choice_name(choice: str | None) -> str | None:
     return None if choice is None else choice.rsplit("/", 1)[-1]
 
@@ -181,17 +173,11 @@ def router_label(cfg: DictConfig, model: torch.nn.Module | None = None) -> str:
         return "none"
     if cfg.get("router") is None:
         return "dense"
-    return _hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
+    return hydra_choice("router") or str(cfg.router.get("_target_", "custom")).rsplit(".", 1)[-1]
 
 
 def _out_dir(cfg: DictConfig) -> Path:
-    if cfg.get("out_dir"):
-        return Path(cfg.out_dir)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(os.getcwd())
+    return run_dir(cfg.get("out_dir"))
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -227,7 +213,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     info = {
         "domain": "recsys",
         "router": router_label(cfg, model),
-        "model": cfg.get("model_name") or _choice_name(_hydra_choice("model")) or type(model).__name__,
+        "model": cfg.get("model_name") or _choice_name(hydra_choice("model")) or type(model).__name__,
         "data": dataset.name,
         "tasks": {t.name: t.kind for t in dataset.tasks},
         "data_info": dataset.info,
@@ -270,7 +256,7 @@ def main(cfg: DictConfig) -> float | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(
             {"domain": "recsys", "router": router_label(cfg), "model": cfg.get("model_name")
-             or _choice_name(_hydra_choice("model")), "status": "n/a", "reason": str(err)}, indent=2) + "\n")
+             or _choice_name(hydra_choice("model")), "status": "n/a", "reason": str(err)}, indent=2) + "\n")
         log.warning("n/a: %s", err)
         return None
     if "val_mse_mean" in metrics:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import vision  # noqa: F401  (registers vmoe_* with timm)
 from core.engine import NonFiniteLossError, Trainer, TrainerConfig, seed_everything
 from core.surgery import PLACEMENTS
+from core.runs import run_dir
 from vision.data import AUGMENTATIONS, DATASETS, build_loaders, load_dataset
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,7 @@ def evaluate_classifier(model, batches) -> dict:
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path.cwd()
+    return run_dir(cfg.get("output_dir"))
 
 
 def prepare(cfg: DictConfig):
