@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from core.experts import Experts, _grouped_mm
+from core.experts import Experts, _ContiguousGrad, _grouped_mm
 from core.routers.base import check_positive_int
 
 
@@ -46,18 +46,6 @@ def fine_grained_experts(num_experts: int, hidden_features: int, granularity: in
     return {"num_experts": m * E - Ks, "hidden_features": F // m, "top_k": m * K - Ks,
             "num_shared_experts": Ks}
 
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
-    rejects the expanded gradient that a ``.sum()`` loss sends."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 def _lora_pair(E: int, fan_in: int, rank: int, fan_out: int, dd: dict) -> tuple[nn.Parameter, nn.Parameter]:
@@ -146,15 +134,8 @@ class LoRAExperts(nn.Module):
             y_NO = y_NO + b.b2_EO[0].to(dt)
         return b.drop(y_NO)
 
-    def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Reference path: each expert with its full merged weights."""
-        outs, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
-            outs.append(self.forward_expert(e, x_ND[start:start + n]))
-            start += n
-        if not outs:
-            return x_ND.new_zeros(0, self.out_features)
-        return torch.cat(outs, 0)
+    # Reference path: one expert (base + its deltas) at a time, as for stacked experts.
+    forward_loop = Experts.forward_loop
 
     def forward_expert(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
         """Expert e alone on M rows."""
