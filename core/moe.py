@@ -39,6 +39,8 @@ class MoE(nn.Module):
         num_shared_experts: always-on experts of width F each, added to the routed output.
         glu: gated (SwiGLU-style) experts.
         expert_impl: ``"auto"`` | ``"chunked"`` | ``"grouped"`` | ``"loop"`` (see ``Experts``).
+        experts: the routed experts' class or factory, called like ``Experts`` (e.g.
+            ``functools.partial(LoRAExperts, rank=8)``); default stacked ``Experts``.
         track_stats: accumulate routing statistics for ``core.routing_stats``.
 
     Example::
@@ -67,6 +69,7 @@ class MoE(nn.Module):
         num_shared_experts: int = 0,
         glu: bool = False,
         expert_impl: str = "auto",
+        experts: Callable[..., nn.Module] | None = None,
         track_stats: bool = True,
     ):
         super().__init__()
@@ -89,8 +92,9 @@ class MoE(nn.Module):
             raise ValueError(f"router.dim={router.dim} does not match in_features={in_features}.")
         self.router = router
         dd = {"device": device, "dtype": dtype}
-        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
-                               glu=glu, bias=bias, drop=drop, norm_layer=norm_layer, impl=expert_impl, **dd)
+        self.experts = (experts or Experts)(num_experts, in_features, hidden_features, out_features,
+                                            act_layer=act_layer, glu=glu, bias=bias, drop=drop,
+                                            norm_layer=norm_layer, impl=expert_impl, **dd)
         self.shared_experts = None
         if num_shared_experts:
             self.shared_experts = Experts(1, in_features, hidden_features * num_shared_experts, out_features,

@@ -572,3 +572,27 @@ def test_lora_experts_grouped_on_cuda_match_loop():
     torch.testing.assert_close(y, lora.forward_loop(x, counts), rtol=1e-3, atol=1e-4)
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and lora.a1_EDR.grad is not None
+
+
+def test_moe_takes_an_experts_factory():
+    """``MoE(experts=...)`` builds LoRA experts in place of stacked experts; zero deltas keep the
+    layer equal to the same layer with the base FFN copied into stacked experts."""
+    import functools
+
+    from core.lora_experts import LoRAExperts
+    from core.moe import MoE
+    from core.routers.topk import TopKRouter
+
+    torch.manual_seed(0)
+    router = functools.partial(TopKRouter, top_k=2, capacity_factor=None, noise_std=0.0, renormalize=True)
+    lora = MoE(16, 32, num_experts=4, router=router, experts=functools.partial(LoRAExperts, rank=2)).eval()
+    assert isinstance(lora.experts, LoRAExperts)
+    plain = MoE(16, 32, num_experts=4, router=lora.router).eval()
+    base = lora.experts.base
+    with torch.no_grad():
+        plain.experts.w1_EDF.copy_(base.w1_EDF.expand_as(plain.experts.w1_EDF))
+        plain.experts.w2_EFO.copy_(base.w2_EFO.expand_as(plain.experts.w2_EFO))
+        plain.experts.b1_EF.copy_(base.b1_EF.expand_as(plain.experts.b1_EF))
+        plain.experts.b2_EO.copy_(base.b2_EO.expand_as(plain.experts.b2_EO))
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(lora(x), plain(x))
