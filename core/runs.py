@@ -24,3 +24,24 @@ def run_dir(explicit: str | Path | None, fallback: str | Path | None = None) -> 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(fallback) if fallback is not None else Path.cwd()
+
+
+def machine_description(device: str = "cpu") -> str:
+    """The hardware a run used, for results pages: the CPU model and the threads torch uses, or the
+    GPU's name; plus the torch version."""
+    import os
+    import platform
+
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        hw = torch.cuda.get_device_name(torch.device(device))
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        hw = f"{cpu}, {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs"
+    return f"{hw}; torch {torch.__version__}"

@@ -1,10 +1,15 @@
 """core.compare on synthetic run directories: rows, columns, means ± std and n/a cells."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from core.compare import compare, main
+from core.compare import compare, find_runs, main, quality_table
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(root, name, **metrics):
@@ -43,7 +48,10 @@ def test_rows_columns_means_and_na(sweep, tmp_path):
     assert rows["hash"][col] == "n/a"
     assert rows["none"][header.index("nlp val_ppl ↓")] == ""  # not run there
     assert rows["hash"][header.index("nlp val_ppl ↓")] == "6.0000"
-    assert (tmp_path / "cmp" / "compare.md").read_text().count("\n") == 2 + 3
+    report = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "## Task quality across domains" in report and "## vision" in report and "## nlp" in report
+    assert "- hash: hash routing needs token ids" in report  # why a cell is n/a
+    assert report.count("| topk |") == 3  # the quality table and both domain tables
     assert (tmp_path / "cmp" / "compare.csv").exists()
     assert {p.name for p in out["plots"]} == {"compare_vision.png", "compare_nlp.png"}
 
@@ -51,3 +59,33 @@ def test_rows_columns_means_and_na(sweep, tmp_path):
 def test_cli_reports_missing_directory(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_quality_table_and_provenance(sweep, tmp_path):
+    _run(sweep, "topk_2", domain="vision", router="topk", seed=2, test_acc=0.88, examples_per_s=90.0,
+         machine="Test CPU, 2 torch threads of 2 CPUs; torch 9.9", finished_at="2026-01-02T03:04:05+00:00")
+    header, rows = quality_table(find_runs([sweep]))
+    assert header == ["router", "nlp val_ppl ↓", "vision test_acc ↑", "seeds"]
+    rows = {r[0]: r for r in rows}
+    assert rows["topk"] == ["topk", "5.5000", "0.8400 ± 0.0400", "3"]
+    assert rows["hash"] == ["hash", "6.0000", "n/a", "1"]
+    page = tmp_path / "docs" / "page.md"
+    out = compare([sweep], tmp_path / "cmp", page=page, title="Study", commands=["python -m vision.train -m x"])
+    text = page.read_text()
+    assert text == out["markdown"] and text.startswith("# Study\n")
+    assert "Test CPU, 2 torch threads of 2 CPUs; torch 9.9" in text and "2026-01-02" in text
+    assert "python -m vision.train -m x" in text
+
+
+def test_tiny_real_multirun_gives_a_row_per_router(tmp_path):
+    """Two routers through Hydra's multirun (recsys debug config, real processes) -> both rows."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "recsys.train", "-m", "+router=topk,expert_choice", "debug=default",
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main([str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    header, rows = quality_table(find_runs([sweep]))
+    assert [r[0] for r in rows] == ["expert_choice", "topk"]
+    assert all(r[1] not in ("", "n/a") and 0.0 <= float(r[1]) <= 1.0 for r in rows)  # test AUC
+    assert (tmp_path / "cmp" / "compare_recsys.png").stat().st_size > 0
