@@ -1,0 +1,213 @@
+"""core.distributed with two real processes on gloo: the expert-parallel MoE layer equals the
+single-process layer (outputs, input gradients, every parameter gradient), full-layout state round
+trips, and the pieces that need no process group."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from core import collect_aux_loss
+from core.distributed import (
+    ExpertParallel, all_reduce_gradients, clip_grad_norm_, full_optimizer_state_dict, full_state_dict,
+    get_rank, get_world_size, is_sharded, load_full_optimizer_state_dict, load_full_state_dict, shard_experts, sum_routing_stats,
+    unshard_experts,
+)
+from core.moe import MoE
+from core.routers.deepseek import DeepSeekRouter
+from core.routers.expert_choice import ExpertChoiceRouter
+from core.routers.soft import SoftRouter
+from core.routers.topk import TopKRouter
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+B, S, D, F, E = 3, 10, 8, 12, 4
+
+CASES = {
+    "topk_dropless": dict(router=functools.partial(TopKRouter, top_k=2, capacity_factor=None, noise_std=0.0)),
+    "topk_capacity": dict(router=functools.partial(TopKRouter, top_k=2, capacity_factor=0.75, noise_std=0.0,
+                                                   batch_priority=True)),
+    "expert_choice": dict(router=functools.partial(ExpertChoiceRouter, capacity_factor=1.5, noise_std=0.0)),
+    "deepseek_shared": dict(router=functools.partial(DeepSeekRouter, top_k=2, bias_update_rate=0.01),
+                            num_shared_experts=1, glu=True, act_layer=torch.nn.SiLU),
+}
+
+
+def _spawn(fn, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in WORLD processes joined by a gloo group; a worker's
+    exception fails the caller with its traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(fn, os.path.join(tmp, "store"), args), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, fn, store: str, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, WORLD, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_checks(rank: int, world: int, out_dir: str) -> None:
+    """Every two-process check in one pair of processes (starting them costs more than the checks);
+    each check's outcome, ``ok`` or its traceback, goes to ``<out_dir>/<rank>.json``."""
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            check(rank, world)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, list[str]]:
+    out = tmp_path_factory.mktemp("ep")
+    _spawn(_run_checks, str(out))
+    per_rank = [json.loads((out / f"{r}.json").read_text()) for r in range(WORLD)]
+    return {name: [res[name] for res in per_rank] for name in per_rank[0]}
+
+
+def _assert_ok(outcomes, name: str) -> None:
+    for rank, res in enumerate(outcomes[name]):
+        assert res == "ok", f"rank {rank}: {res}"
+
+
+def _layer(case: str) -> MoE:
+    torch.manual_seed(0)
+    kw = dict(CASES[case])
+    return MoE(D, F, num_experts=E, router=kw.pop("router"), **kw)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(WORLD, B, S, D, generator=g)
+    cot = torch.randn(WORLD, B, S, D, generator=g)  # a fixed cotangent: loss = <y, cot> + aux
+    return x, cot
+
+
+def _step(layer: MoE, x: torch.Tensor, cot: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    loss = (y * cot).sum() + collect_aux_loss(layer)
+    loss.backward()
+    return y.detach(), x.grad
+
+
+def _equivalence_check(rank: int, world: int) -> None:
+    x, cot = _inputs()
+    for case in CASES:
+        ref = _layer(case)
+        ref_out, ref_dx = [], []
+        for r in range(world):  # one process: every rank's tokens through the same layer, losses summed
+            y, dx = _step(ref, x[r], cot[r])
+            ref_out.append(y)
+            ref_dx.append(dx)
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+        ep = _layer(case)
+        assert shard_experts(ep) == 1
+        assert isinstance(ep.experts, ExpertParallel) and ep.experts.num_experts == E // world
+        assert ep.experts.w1_EDF.shape[0] == E // world and is_sharded(ep.experts.w1_EDF)
+        y, dx = _step(ep, x[rank], cot[rank])
+        torch.testing.assert_close(y, ref_out[rank], msg=f"{case}: outputs differ")
+        torch.testing.assert_close(dx, ref_dx[rank], msg=f"{case}: input gradients differ")
+        all_reduce_gradients(ep.parameters())
+        grads = {n: p.grad for n, p in ep.named_parameters()}
+        L = E // world
+        for name, g in grads.items():
+            if is_sharded(dict(ep.named_parameters())[name]):
+                gathered = [torch.empty_like(g) for _ in range(world)]
+                dist.all_gather(gathered, g)
+                torch.testing.assert_close(torch.cat(gathered), ref_grads[name], msg=f"{case}: {name} grad differs")
+                torch.testing.assert_close(g, ref_grads[name][rank * L:(rank + 1) * L])
+            else:
+                torch.testing.assert_close(g, ref_grads[name], msg=f"{case}: {name} grad differs")
+        assert set(grads) == set(ref_grads)
+        # routing statistics: each rank counts its own tokens; summed over ranks they are one process's
+        sum_routing_stats(ep)
+        torch.testing.assert_close(ep.stat_tokens_E, ref.stat_tokens_E)
+        torch.testing.assert_close(ep.stat_counters[:4], ref.stat_counters[:4])
+
+
+def test_expert_parallel_layer_equals_one_process(outcomes):
+    """topk without and with capacity (BPR), expert choice, DeepSeek with a shared GLU expert."""
+    _assert_ok(outcomes, "equivalence")
+
+
+def _state_check(rank: int, world: int) -> None:
+    full = _layer("topk_dropless")
+    reference = {k: v.clone() for k, v in full.state_dict().items()}
+    ep = _layer("topk_dropless")
+    shard_experts(ep)
+    # the full layout, gathered, is the unsharded state dict
+    sd = full_state_dict(ep)
+    assert set(sd) == set(reference)
+    for k in reference:
+        torch.testing.assert_close(sd[k], reference[k])
+    # loading a full state dict slices it
+    other = {k: v + 1 for k, v in reference.items()}
+    load_full_state_dict(ep, other)
+    L = E // world
+    torch.testing.assert_close(ep.experts.w1_EDF, other["experts.w1_EDF"][rank * L:(rank + 1) * L])
+    torch.testing.assert_close(ep.router.weight, other["router.weight"])
+    # optimizer state: gathered to E rows, sliced back on load
+    opt = torch.optim.AdamW(ep.parameters(), lr=0.1)
+    x, cot = _inputs()
+    _step(ep, x[rank], cot[rank])
+    all_reduce_gradients(ep.parameters())
+    norm = clip_grad_norm_(list(ep.parameters()), 1e9)
+    assert norm > 0
+    opt.step()
+    osd = full_optimizer_state_dict(ep, opt)
+    exp_avg = [s["exp_avg"] for s in osd["state"].values()]
+    assert any(t.shape[0] == E and t.ndim == 3 for t in exp_avg)  # w1/w2 moments in the full layout
+    opt2 = torch.optim.AdamW(ep.parameters(), lr=0.1)
+    load_full_optimizer_state_dict(ep, opt2, osd)
+    for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
+    # back to one full layer on every rank
+    unshard_experts(ep)
+    assert type(ep.experts).__name__ == "Experts" and ep.experts.num_experts == E
+    assert ep.experts.w1_EDF.shape[0] == E
+
+
+def test_full_layout_state_round_trips(outcomes):
+    _assert_ok(outcomes, "state")
+
+
+def _soft_check(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    layer = MoE(D, F, num_experts=E, router=functools.partial(SoftRouter))
+    shard_experts(layer)
+    with pytest.raises(ValueError, match="expert_parallel"):
+        layer(torch.randn(B, S, D))
+
+
+def test_soft_routing_is_refused_under_expert_parallelism(outcomes):
+    _assert_ok(outcomes, "soft")
+
+
+CHECKS = {"equivalence": _equivalence_check, "state": _state_check, "soft": _soft_check}
+
+
+def test_helpers_without_a_process_group():
+    assert get_rank() == 0 and get_world_size() == 1
+    layer = _layer("topk_dropless")
+    with pytest.raises(ValueError, match="torchrun"):
+        shard_experts(layer)
+    assert full_state_dict(layer).keys() == layer.state_dict().keys()
+    all_reduce_gradients(layer.parameters())  # nothing to reduce: a no-op
