@@ -32,14 +32,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from open_clip.loss import ClipLoss
 
+from core.cli import run_main
 from core.engine import Trainer, TrainerConfig, seed_everything
 from core.runs import hydra_choice, run_dir
+from core.validate import ConfigError, check_int, check_readable_dir, check_router, check_target, check_trainer
 from multimodal.data import MultimodalData, build_data, labelled_loader, pair_loader
 from multimodal.models import LIMoE, modality_usage, reset_modality_usage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "clip_loss", "make_evaluate", "main", "recall_at_k", "train"]
+__all__ = ["build_model", "clip_loss", "make_evaluate", "main", "recall_at_k", "train", "validate_config"]
 
 DOMAIN = "multimodal"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
@@ -198,9 +200,62 @@ def train(cfg: DictConfig) -> dict:
 # ----------------------------------------------------------------------------------- command line
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Check ``cfg`` (``conf/multimodal.yaml``) before any data is read or model built: the model
+    target, architecture name and image size, the router, the data sources and sizes, the trainer;
+    raises ``ConfigError`` naming the key."""
+    m, d = cfg.model, cfg.data
+    check_target("model._target_", m.get("_target_"), hint=": use model=<name> with a conf/model/multimodal config")
+    if "model_name" in m:
+        names = open_clip.list_models()
+        if m.model_name not in names:
+            local = sorted(n for n in names if n.startswith("mm-"))
+            raise ConfigError("model.model_name", m.model_name,
+                              f"use an open_clip architecture: this project's are {local}")
+        size = (open_clip.get_model_config(m.model_name) or {}).get("vision_cfg", {}).get("image_size")
+        if isinstance(size, int) and d.image_size != size:
+            raise ConfigError("data.image_size", d.image_size,
+                              f"model.model_name={m.model_name} takes {size}x{size} images: set data.image_size={size}")
+    elif "patch_size" in m:
+        check_int("model.patch_size", m.patch_size)
+        check_int("data.image_size", d.image_size)
+        if d.image_size % m.patch_size:
+            raise ConfigError("data.image_size", d.image_size,
+                              f"it must be a multiple of model.patch_size={m.patch_size} (the image is cut into patches)")
+    num_experts = m.get("num_experts")
+    if num_experts is not None:
+        check_int("model.num_experts", num_experts)
+        check_int("model.group_size", m.get("group_size"), optional=True)
+        check_router(m.get("router"), num_experts, key="router", domain="multimodal", group_size=m.get("group_size"),
+                     group_key="model.group_size")
+    known = ("openmoji", "fashion_mnist")
+    for key in ("sources", "val_sources"):
+        for name in d.get(key) or []:
+            if name not in known:
+                raise ConfigError(f"data.{key}", list(d[key]), f"every source must be one of {list(known)}")
+    if not d.sources:
+        raise ConfigError("data.sources", [], f"give at least one of {list(known)}")
+    if d.get("root") is not None:
+        check_readable_dir("data.root", d.root, ": the folder with the Fashion-MNIST IDX .gz files, or null")
+    check_int("data.batch_size", d.batch_size, minimum=2)  # a contrastive batch needs negatives
+    check_int("data.eval_batch_size", d.eval_batch_size)
+    for key in ("limit_train", "limit_eval", "fashion_mnist_train"):
+        check_int(f"data.{key}", d.get(key), optional=True)
+    check_int("threads", cfg.get("threads"), optional=True)
+    check_trainer(cfg.trainer, num_experts)
+
+
+def _row(cfg: DictConfig) -> dict:
+    return {"router": cfg.get("router_name") or hydra_choice("router") or "default",
+            "model": cfg.get("model_name") or hydra_choice("model") or "custom"}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="multimodal")
-def main(cfg: DictConfig) -> float:
-    return train(cfg).get("val_loss", float("nan"))
+def main(cfg: DictConfig) -> float | None:
+    """Returns the validation contrastive loss. Config and data errors: one line, exit 2; a
+    non-finite loss: exit 1; in a sweep, a router that cannot serve CLIP gets an n/a row."""
+    return run_main(cfg, DOMAIN, validate=validate_config, prepare=train, out_dir=_out_dir, row=_row,
+                    objective=lambda metrics: metrics.get("val_loss", float("nan")))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import hydra
@@ -34,14 +33,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.analytics import RoutingRecorder, stability_from_counts
 from core.lora_experts import LoRAExperts
-from core.engine import NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
+from core.cli import run_main
+from core.engine import TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
 from core.runs import hydra_choice, run_dir
+from core.validate import (ConfigError, check_choice, check_int, check_number, check_readable_file, check_router,
+                           check_target, check_trainer)
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyse_routing", "build_model", "lm_evaluate", "lm_loss", "main", "router_label", "train"]
+__all__ = ["analyse_routing", "build_model", "lm_evaluate", "lm_loss", "main", "router_label", "train",
+           "validate_config"]
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -342,36 +345,76 @@ def summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+# ------------------------------------------------------------------------------------- validation
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+def _check_text_file(path) -> None:
+    """``data.path``: an existing regular file whose start decodes as UTF-8 (the whole file is read,
+    and fully decoded, when the data is loaded)."""
+    p = check_readable_file("data.path", path, ": give a UTF-8 text file, e.g. data.path=book.txt")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as err:
+        raise ConfigError("data.path", str(path), f"the file cannot be read ({err.strerror})") from None
+    if not head.strip():
+        raise ConfigError("data.path", str(path), "the file is empty: give a UTF-8 text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut by the 64 KiB window
+            raise ConfigError("data.path", str(path), f"the file is not UTF-8 text (byte {err.start}: "
+                              f"{err.reason}); convert it with iconv -t utf-8") from None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check ``cfg`` (``conf/nlp.yaml``) before the corpus is read: the model target and sizes, the
+    router (with the MoE group size it will see), the text file and data sizes, the trainer; raises
+    ``ConfigError`` naming the key."""
+    m, d = cfg.model, cfg.data
+    check_target("model._target_", m.get("_target_"), MoETransformerLM, ": use model=<name> with a conf/model/nlp config")
+    if OmegaConf.is_missing(d, "path"):
+        raise ConfigError("data.path", "???", "give a UTF-8 text file, e.g. data.path=book.txt")
+    if d.path is not None:
+        _check_text_file(d.path)
+    check_choice("data.tokenizer", d.tokenizer, ("byte", "bpe"))
+    check_int("data.seq_len", d.seq_len)
+    check_int("data.batch_size", d.batch_size)
+    for key in ("eval_batch_size", "limit_train", "limit_eval"):
+        check_int(f"data.{key}", d.get(key), optional=True)
+    check_number("data.val_fraction", d.val_fraction, gt=0)
+    if d.val_fraction >= 1:
+        raise ConfigError("data.val_fraction", d.val_fraction, "it must lie in (0, 1)")
+    moe = m.get("moe_layers", "all") not in ("none", None) and m.get("moe_layers") != []
+    if moe:
+        check_int("model.num_experts", m.num_experts)
+        check_int("model.moe_group_size", m.get("moe_group_size"), optional=True)
+        router = m.get("router")
+        segments = router.get("segments_per_sequence") if OmegaConf.is_dict(router) else None
+        if isinstance(segments, int) and segments >= 1 and d.seq_len % segments:
+            raise ConfigError("router.segments_per_sequence", segments,
+                              f"the segments of a sequence must tile it: use a divisor of data.seq_len={d.seq_len}")
+        group = m.get("moe_group_size") or (d.seq_len // segments if isinstance(segments, int) and segments else d.seq_len)
+        check_router(router, m.num_experts, key="router", domain="nlp", token_ids=True, group_size=group,
+                     group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len")
+    check_trainer(cfg.trainer, m.num_experts if moe else None)
+
+
+def _row(cfg: DictConfig) -> dict:
+    return {"router": cfg.get("router_name") or hydra_choice("router") or "custom"}
+
+
+def _report(metrics: dict) -> float:
+    print(summary(metrics))
+    return metrics["val_loss"]
 
 
 @hydra.main(config_path="pkg://conf", config_name="nlp", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        prepared = prepare(cfg)
-    except ValueError as err:
-        if not (isinstance(err, NonCausalRoutingError) and _is_multirun()):
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        # in a sweep over every router, a non-causal router gets an n/a row
-        out = output_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        name = cfg.get("router_name") or hydra_choice("router") or "custom"
-        (out / "metrics.json").write_text(json.dumps(
-            {"domain": "nlp", "router": name, "status": "n/a", "reason": str(err)}, indent=2) + "\n")
-        print(f"n/a: {err}", file=sys.stderr)
-        return None
-    try:
-        metrics = _fit(cfg, *prepared)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(summary(metrics))
-    return metrics["val_loss"]
+    """Config and data errors: one line, exit 2; a non-finite loss: exit 1. In a sweep over every
+    router, a non-causal router gets an n/a row."""
+    return run_main(cfg, "nlp", validate=validate_config, prepare=prepare, fit=lambda prepared: _fit(cfg, *prepared),
+                    out_dir=output_dir, row=_row, not_applicable=(NonCausalRoutingError,), objective=_report)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from core.cli import run_main
 from core.engine import Trainer, TrainerConfig, seed_everything
 from core.runs import hydra_choice, run_dir
+from core.validate import (ConfigError, check_int, check_number, check_readable_dir, check_router, check_target,
+                           check_trainer)
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
 from recsys.models import GateError, gate_stats, mixtures, reset_gate_stats
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_dataset", "build_embedding_collection", "build_model", "main", "make_evaluate", "make_loss_fn",
-           "train"]
+           "train", "validate_config"]
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -236,32 +239,79 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+# ------------------------------------------------------------------------------------- validation
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+# data loaders whose tasks are regressions (every other loader of recsys.data yields binary tasks)
+_REGRESSION_LOADERS = ("recsys.data.make_synthetic",)
+
+
+def _gate_expert_counts(m: DictConfig) -> list[int] | None:
+    """The number of experts each gate of the model mixes (None: the model has no gates)."""
+    if "gate" not in m:
+        return None
+    if "num_experts" in m:
+        check_int("model.num_experts", m.num_experts)
+        return [m.num_experts]
+    check_int("model.num_task_experts", m.get("num_task_experts"))
+    check_int("model.num_shared_experts", m.get("num_shared_experts"), minimum=0)
+    return [m.num_task_experts + m.num_shared_experts]
+
+
+def _task_kinds(d: DictConfig) -> list[str] | None:
+    target = str(d.dataset.get("_target_", ""))
+    if "task_kinds" in d.dataset:
+        return list(d.dataset.task_kinds)
+    if target in _REGRESSION_LOADERS:
+        return ["regression"]
+    return ["binary"] if target.startswith("recsys.data.") else None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check ``cfg`` (``conf/recsys.yaml``) before any data is read: the model and data targets, the
+    experts and the gate router, the model against the data's task kinds, data paths and sizes, the
+    trainer; raises ``ConfigError`` naming the key."""
+    m, d = cfg.model, cfg.data
+    model_cls = check_target("model._target_", m.get("_target_"), torch.nn.Module,
+                             ": use model=<name> with a conf/model/recsys config")
+    counts = _gate_expert_counts(m)
+    if counts is not None:
+        check_router(m.gate, counts, key="router", domain="recsys")
+    check_int("model.embedding_dim", m.get("embedding_dim", 8))
+    check_target("data.dataset._target_", d.dataset.get("_target_"), hint=": use data=<name> with a conf/data/recsys config")
+    if "path" in d.dataset:
+        check_readable_dir("data.path", d.dataset.path, ": the directory holding the data files "
+                           "(census-income.data and census-income.test for census_kdd)")
+    kinds = _task_kinds(d)
+    if getattr(model_cls, "requires_binary_tasks", False) and kinds is not None and "binary" not in kinds:
+        raise ConfigError("model", hydra_choice("model") or model_cls.__name__,
+                          f"{model_cls.__name__} models a click -> conversion funnel of binary tasks, and "
+                          f"this data has {kinds[0]} tasks; use data=adult, data=movielens or data=census_kdd")
+    check_int("data.batch_size", d.batch_size)
+    for key in ("eval_batch_size", "limit_train", "limit_eval"):
+        check_int(f"data.{key}", d.get(key), optional=True)
+    for i, w in enumerate(cfg.get("task_weights") or []):
+        check_number(f"task_weights[{i}]", w, ge=0)
+    check_int("num_threads", cfg.get("num_threads"), optional=True)
+    check_trainer(cfg.trainer, counts[0] if counts else None)
+
+
+def _row(cfg: DictConfig) -> dict:
+    return {"router": router_label(cfg), "model": cfg.get("model_name") or _choice_name(hydra_choice("model"))}
+
+
+def _objective(metrics: dict) -> float:
+    if "val_mse_mean" in metrics:
+        return metrics["val_mse_mean"]
+    return 1.0 - metrics.get("val_auc_mean", float("nan"))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="recsys")
 def main(cfg: DictConfig) -> float | None:
     """Returns the validation objective (mean MSE for regression data, 1 - mean AUC otherwise) for
-    sweepers. In a multirun, a router that cannot serve as a gate gets an ``n/a`` metrics.json."""
-    try:
-        metrics = train(cfg)
-    except GateError as err:
-        if not _is_multirun():
-            raise
-        out = _out_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(
-            {"domain": "recsys", "router": router_label(cfg), "model": cfg.get("model_name")
-             or _choice_name(hydra_choice("model")), "status": "n/a", "reason": str(err)}, indent=2) + "\n")
-        log.warning("n/a: %s", err)
-        return None
-    if "val_mse_mean" in metrics:
-        return metrics["val_mse_mean"]
-    return 1.0 - metrics.get("val_auc_mean", float("nan"))
+    sweepers. Config and data errors: one line, exit 2; a non-finite loss: exit 1. In a multirun, a
+    router that cannot serve as a gate gets an ``n/a`` metrics.json."""
+    return run_main(cfg, "recsys", validate=validate_config, prepare=train, out_dir=_out_dir, row=_row,
+                    not_applicable=(GateError,), objective=_objective)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
+import re
 from pathlib import Path
 
 import hydra
@@ -18,16 +17,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import vision  # noqa: F401  (registers vmoe_* with timm)
-from core.engine import NonFiniteLossError, Trainer, TrainerConfig, seed_everything
+from core.cli import run_main
+from core.engine import Trainer, TrainerConfig, seed_everything
 from core.surgery import PLACEMENTS
 from core.runs import run_dir
+from core.validate import ConfigError, check_readable_dir, check_router, check_trainer
 from vision.data import AUGMENTATIONS, DATASETS, build_loaders, load_dataset
 
 log = logging.getLogger(__name__)
 
 
+# image side of the datasets that are not resized (imagefolder's is data.img_size)
+NATIVE_IMG_SIZE = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
+
+
 def _fail(key: str, value, allowed: str) -> None:
-    raise ValueError(f"{key}={value!r} is not allowed: {allowed}.")
+    raise ConfigError(key, value, allowed)
 
 
 def _positive_int_or_none(key: str, value) -> None:
@@ -67,7 +72,30 @@ def validate_config(cfg: DictConfig) -> None:
         _fail("data.batch_size", None, "it must be a positive integer")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         _fail("seed", cfg.seed, "it must be an integer")
-    TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if d.name == "imagefolder":
+        check_readable_dir("data.root", d.root, ": the image folder with train/ and val/ class subfolders")
+    _check_patches(cfg)
+    num_experts = m.num_experts if m.num_experts is not None else 8
+    if m.moe:
+        check_router(router, num_experts, key="router", domain="vision", group_size=m.group_size,
+                     group_key="model.group_size")
+    check_trainer(cfg.trainer, num_experts if m.moe else None)
+
+
+def _check_patches(cfg: DictConfig) -> None:
+    """The image side must be a multiple of the patch size (the ViT tiles the image with patches)."""
+    m, d = cfg.model, cfg.data
+    kwargs = m.timm_kwargs or {}
+    found = re.search(r"patch(\d+)", str(m.name))
+    patch = kwargs.get("patch_size") or (int(found.group(1)) if found else None)
+    size = kwargs.get("img_size") or d.get("img_size") or NATIVE_IMG_SIZE.get(d.name)
+    if patch is None or size is None:
+        return
+    key = "model.timm_kwargs.patch_size" if kwargs.get("patch_size") else "model.name"
+    if isinstance(size, int) and isinstance(patch, int) and (patch < 1 or size % patch):
+        value = patch if key.endswith("patch_size") else m.name
+        _fail(key, value, f"the patch size {patch} must divide the image size {size} of data.name={d.name} "
+                          "(set model.timm_kwargs.patch_size to a divisor, or data.img_size for imagefolder)")
 
 
 def router_name(cfg: DictConfig) -> str:
@@ -148,8 +176,7 @@ def prepare(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     """Prepare, train and evaluate; returns ``metrics.json``'s content."""
-    trainer, model, train_loader, test_loader = prepare(cfg)
-    return trainer.fit(model, train_loader, classification_loss, evaluate_classifier, {"test": test_loader})
+    return fit(prepare(cfg))
 
 
 def summary(metrics: dict) -> str:
@@ -169,36 +196,23 @@ def summary(metrics: dict) -> str:
     ])
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def fit(prepared) -> dict:
+    """Train prepared pieces (``prepare``'s result); returns the metrics."""
+    trainer, model, train_loader, test_loader = prepared
+    return trainer.fit(model, train_loader, classification_loss, evaluate_classifier, {"test": test_loader})
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+def _report(metrics: dict) -> float:
+    print(summary(metrics))
+    return metrics["test_acc"]
 
 
 @hydra.main(config_path="pkg://conf", config_name="vision", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        trainer, model, train_loader, test_loader = prepare(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        # configuration and data problems: one clear line, no traceback
-        if not (isinstance(err, ValueError) and _is_multirun()):
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        # in a sweep, a router that cannot route images (e.g. hash routing) gets an n/a row
-        out = output_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(
-            {"domain": "vision", "router": router_name(cfg), "status": "n/a", "reason": str(err)}, indent=2) + "\n")
-        print(f"n/a: {err}", file=sys.stderr)
-        return None
-    try:
-        metrics = trainer.fit(model, train_loader, classification_loss, evaluate_classifier, {"test": test_loader})
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(summary(metrics))
-    return metrics["test_acc"]
+    """Config and data errors: one line, exit 2; a non-finite loss: exit 1. In a sweep, a router that
+    cannot route images (hash routing) or a model that cannot be built with it gets an n/a row."""
+    return run_main(cfg, "vision", validate=validate_config, prepare=prepare, fit=fit, out_dir=output_dir,
+                    row=lambda cfg: {"router": router_name(cfg)}, not_applicable=(ValueError,), objective=_report)
 
 
 if __name__ == "__main__":

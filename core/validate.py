@@ -1,0 +1,253 @@
+"""Checks of a composed run config, shared by the four domains; run before any data is read.
+
+Every check raises ``ConfigError`` (a ``ValueError``) naming the config key, its value and what is
+allowed, e.g. ``trainer.lr=-1.0 is not allowed: it must be > 0.``; ``core.cli.run_main`` prints that
+one line and exits with status 2. The domains add their own checks (``<domain>.train.validate_config``)
+and call the shared ones: the trainer keys (``check_trainer``), the router against the model's
+number of experts (``check_router``), expert parallelism (``check_expert_parallel``), input files.
+
+Many rules live where the value is used (``TrainerConfig.__post_init__``, the routers'
+constructors); the checks here call that code on the config and re-label its ``ValueError`` with
+the config key, so each rule is written once and fires before training.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "ConfigError", "NotApplicableError", "check_choice", "check_expert_parallel", "check_int", "check_number",
+    "check_readable_dir", "check_readable_file", "check_router", "check_target", "check_trainer",
+    "router_choices", "to_config_error",
+]
+
+_ROUTER_CONF = Path(__file__).resolve().parents[1] / "conf" / "router"
+# "name=value is not allowed: what is allowed" (core's message form), optionally "... is not allowed here: ..."
+_MESSAGE = re.compile(r"^(?P<key>[A-Za-z_][\w.\[\]]*)=(?P<value>.+?) (?:is|are) not allowed(?: here)?: (?P<allowed>.+)$",
+                      re.S)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key.
+
+    Args:
+        key: the dotted config key (``trainer.lr``, ``router.top_k``, ``data.path``).
+        value: the value given.
+        allowed: what is allowed or how to fix it (one sentence).
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str, *, value_repr: str | None = None):
+        self.key, self.value, self.allowed = key, value, allowed.rstrip(".")
+        self.value_repr = repr(value) if value_repr is None else value_repr
+        super().__init__(f"{key}={self.value_repr} is not allowed: {self.allowed}.")
+
+
+class NotApplicableError(ConfigError):
+    """A router (or option) that cannot serve this domain or model, such as hash routing without token
+    ids. A single run stops like any ``ConfigError``; a sweep records an ``n/a`` row and goes on."""
+
+
+def to_config_error(err: Exception, prefix: str = "", key: str | None = None, value: Any = None,
+                    cls: type[ConfigError] = ConfigError) -> ConfigError:
+    """``err`` (a ``ValueError`` of core's form ``name=value is not allowed: ...``) as a ``ConfigError``
+    whose key is ``prefix + name``; other messages become ``key=value is not allowed: <message>``."""
+    if isinstance(err, ConfigError) and not prefix and key is None:
+        return err
+    m = _MESSAGE.match(str(err).strip())
+    if m:
+        name = m["key"] if m["key"].startswith(prefix) else prefix + m["key"]
+        return cls(name, None, m["allowed"], value_repr=m["value"])
+    return cls(key or prefix.rstrip("."), value, str(err))
+
+
+# ----------------------------------------------------------------------------------- simple values
+
+
+def check_int(key: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    """An integer >= ``minimum`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, value, f"it must be an integer >= {minimum}" + (" or null" if optional else ""))
+
+
+def check_number(key: str, value: Any, *, gt: float | None = None, ge: float | None = None,
+                 optional: bool = False) -> None:
+    """A finite number ``> gt`` / ``>= ge`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    if ok and gt is not None:
+        ok = value > gt
+    if ok and ge is not None:
+        ok = value >= ge
+    if not ok:
+        bound = f" > {gt}" if gt is not None else f" >= {ge}" if ge is not None else ""
+        raise ConfigError(key, value, f"it must be a finite number{bound}" + (" or null" if optional else ""))
+
+
+def check_choice(key: str, value: Any, choices: Iterable) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(key, value, f"use one of {choices}")
+
+
+def check_readable_file(key: str, path: Any, hint: str = "") -> Path:
+    """An existing, readable regular file."""
+    if path is None or str(path) == "":
+        raise ConfigError(key, path, f"give the path of a file{hint}")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise ConfigError(key, str(path), f"no such file (looked at {p.resolve()}){hint}")
+    if not p.is_file():
+        raise ConfigError(key, str(path), f"it is not a regular file (looked at {p.resolve()}){hint}")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(key, str(path), f"the file is not readable by this user (permissions){hint}")
+    return p
+
+
+def check_readable_dir(key: str, path: Any, hint: str = "") -> Path:
+    """An existing, readable directory."""
+    if path is None or str(path) == "":
+        raise ConfigError(key, path, f"give a directory{hint}")
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        raise ConfigError(key, str(path), f"no such directory (looked at {p.resolve()}){hint}")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise ConfigError(key, str(path), f"the directory is not readable by this user{hint}")
+    return p
+
+
+def check_target(key: str, target: Any, base: type | None = None, hint: str = ""):
+    """``_target_`` names an importable object (a subclass of ``base`` when given); returns it."""
+    if not isinstance(target, str) or not target:
+        raise ConfigError(key, target, f"a dotted path to a class or function{hint}")
+    obj = _locate(target)
+    if obj is None:
+        raise ConfigError(key, target, f"no such class or function can be imported{hint}")
+    if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+        raise ConfigError(key, target, f"it is not a {base.__name__} class{hint}")
+    return obj
+
+
+def _locate(path: str):
+    """The object at a dotted path (the longest importable module, then attributes), or None."""
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def check_trainer(trainer: Mapping | DictConfig, num_experts: int | None = None):
+    """The ``trainer`` group as a ``TrainerConfig`` (its own rules, relabelled), the device present,
+    and expert parallelism against ``num_experts``. Returns the ``TrainerConfig``."""
+    from core.engine import TrainerConfig, resolve_device
+
+    node = OmegaConf.to_container(trainer, resolve=True) if OmegaConf.is_config(trainer) else dict(trainer)
+    check_expert_parallel(node, num_experts)
+    try:
+        cfg = TrainerConfig.from_mapping(node)
+    except ValueError as err:
+        m = re.match(r"^(trainer\.\w+) is not a trainer key: (.+)$", str(err))
+        if m:
+            raise ConfigError(m[1], node.get(m[1].split(".", 1)[1]), f"it is not a trainer key; {m[2]}") from None
+        raise to_config_error(err, "trainer.") from None
+    try:
+        resolve_device(cfg.device)
+    except ValueError as err:
+        raise to_config_error(err, "trainer.") from None
+    return cfg
+
+
+def check_expert_parallel(trainer: Mapping, num_experts: int | None) -> None:
+    """``trainer.expert_parallel=true`` spreads every MoE layer's experts over the ``WORLD_SIZE``
+    processes of a torchrun launch, so the world size must divide E (other values are left to
+    ``TrainerConfig``)."""
+    if trainer.get("expert_parallel") is not True or num_experts is None:
+        return
+    world = os.environ.get("WORLD_SIZE", "1")
+    size = int(world) if world.isdigit() else 1
+    if size > 1 and num_experts % size:
+        raise ConfigError("trainer.expert_parallel", True,
+                          f"the WORLD_SIZE={world} processes cannot share num_experts={num_experts} experts evenly: "
+                          f"launch a number of processes that divides {num_experts}, or set num_experts to a "
+                          f"multiple of {size}")
+
+
+# ------------------------------------------------------------------------------------------- router
+
+
+def router_choices() -> list[str]:
+    """The router configs of ``conf/router`` (``+router=<name>``)."""
+    return sorted(p.stem for p in _ROUTER_CONF.glob("*.yaml"))
+
+
+def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "router", domain: str = "",
+                 token_ids: bool = False, group_size: int | None = None, group_key: str = "group_size"):
+    """Build the router of ``node`` (a ``conf/router`` config, or None for the model's default) once
+    for each expert count the model gives it; raise ``NotApplicableError`` naming ``<key>.<name>`` when
+    the router's own rules refuse the config (``top_k`` > E, ``capacity_factor`` <= 0, ...), when it
+    needs token ids the domain does not have, or when BASE layers' balanced assignment needs a group
+    size divisible by E and ``group_size`` is not. Returns the last router built (None for None)."""
+    import hydra
+
+    from core.routers.base import Router
+    from core.routers.base_layer import BaseLayerRouter
+
+    if node is None:
+        return None
+    choices = f"; the configs of conf/router are {router_choices()} (+router=<name>)"
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        raise ConfigError(key, OmegaConf.to_container(node) if OmegaConf.is_config(node) else node,
+                          f"a router config with a _target_{choices}")
+    cls = check_target(f"{key}._target_", node._target_, Router, choices)
+    counts = [num_experts] if isinstance(num_experts, int) else list(num_experts)
+    name = cls.__name__
+    if cls.needs_token_ids and not token_ids:
+        raise NotApplicableError(key, name, f"{name} (hash routing) needs token ids, which {domain or 'this domain'} "
+                                 "inputs do not have; use a learned router (e.g. +router=topk)")
+    router = None
+    for E in counts:
+        try:
+            factory = hydra.utils.instantiate(node, _partial_=True)
+            router = factory(dim=8, num_experts=E)  # the width does not enter any router's rules
+        except TypeError as err:  # an unknown or missing keyword
+            import inspect
+
+            params = [p for p in inspect.signature(cls).parameters if p not in ("dim", "num_experts")]
+            bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            if bad:
+                raise ConfigError(f"{key}.{bad[1]}", node.get(bad[1]), f"{name} has no such parameter; its "
+                                  f"parameters are {params}") from None
+            raise ConfigError(key, name, f"{err}") from None
+        except ValueError as err:
+            raise to_config_error(err, f"{key}.", cls=NotApplicableError) from None
+        except Exception as err:  # hydra's InstantiationException wraps the router's own error
+            cause = err.__cause__
+            if isinstance(cause, ValueError):
+                raise to_config_error(cause, f"{key}.", cls=NotApplicableError) from None
+            raise ConfigError(key, name, str(err)) from None
+        if isinstance(router, BaseLayerRouter) and group_size is not None and group_size % E:
+            raise NotApplicableError(group_key, group_size,
+                                     f"{name} (BASE layers) gives every expert S/E tokens of a group, so the group "
+                                     f"size must be a multiple of num_experts={E}")
+    return router

@@ -1,0 +1,211 @@
+"""Bad configs in every domain are refused before any data is read: one ``error:`` line on stderr that
+names the key and the value and says what is allowed, exit status 2, no traceback.
+
+Most cases compose the real config and run ``core.cli.run_main`` with the domain's ``validate_config``
+and a ``prepare`` that fails the test if it is ever reached; three run the real command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from core import cli
+from core.engine import NonFiniteLossError
+from core.validate import ConfigError, NotApplicableError, to_config_error
+from tests.conftest import CONF_DIR
+
+REPO = CONF_DIR.parent
+
+
+def _compose(domain: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(domain, overrides=["debug=default", *overrides])
+
+
+def _never(cfg):
+    pytest.fail("a bad config reached data loading")
+
+
+def _refused(domain: str, overrides, capsys, tmp_path) -> str:
+    """Run the domain's entry pattern on the composed config; returns the single stderr line."""
+    cfg = _compose(domain, *overrides)
+    validate = importlib.import_module(f"{domain}.train").validate_config
+    with pytest.raises(SystemExit) as exc:
+        cli.run_main(cfg, domain, validate=validate, prepare=_never, fit=_never, out_dir=lambda cfg: tmp_path)
+    err = capsys.readouterr().err
+    assert exc.value.code == cli.CONFIG_ERROR_EXIT, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not (tmp_path / "metrics.json").exists()
+    return lines[0]
+
+
+@pytest.fixture
+def not_utf8(tmp_path) -> Path:
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("café crème brûlée ".encode("latin-1") * 50)
+    return p
+
+
+# (domain, overrides, key, value as printed, a word of what is allowed)
+CASES = [
+    ("vision", ["model.name=vmoe_huge"], "model.name", "'vmoe_huge'", "vmoe_tiny_patch4_28"),
+    ("vision", ["+router=topk", "router.top_k=9"], "router.top_k", "9", "num_experts=4"),
+    ("vision", ["+router=topk", "router.top_k=0"], "router.top_k", "0", ">= 1"),
+    ("vision", ["+router=topk", "router.capacity_factor=0"], "router.capacity_factor", "0", "> 0"),
+    ("vision", ["+router=expert_choice", "router.capacity_factor=-1.5"], "router.capacity_factor", "-1.5", "> 0"),
+    ("vision", ["+router=hash"], "router", "'HashRouter'", "token ids"),
+    ("vision", ["+router=topk", "router._target_=core.routers.nope.NopeRouter"], "router._target_",
+     "'core.routers.nope.NopeRouter'", "expert_choice"),
+    ("vision", ["+router=topk", "+router.top_kk=2"], "router.top_kk", "2", "capacity_factor"),
+    ("vision", ["trainer.lr=-0.1"], "trainer.lr", "-0.1", ">= 0"),
+    ("vision", ["trainer.lr=0"], "trainer.lr", "0", "> 0"),
+    ("vision", ["trainer.max_epochs=0"], "trainer.max_epochs", "0", ">= 1"),
+    ("vision", ["model.timm_kwargs.patch_size=3"], "model.timm_kwargs.patch_size", "3", "divide the image size 8"),
+    ("vision", ["data.batch_size=0"], "data.batch_size", "0", "positive integer"),
+    ("vision", ["data.name=imagefolder", "data.img_size=16", "data.root=/nonexistent/images"], "data.root",
+     "'/nonexistent/images'", "no such directory"),
+    ("nlp", ["+router=base", "model.moe_group_size=6"], "model.moe_group_size", "6", "multiple of num_experts=4"),
+    ("nlp", ["+router=lory", "router.segments_per_sequence=5"], "router.segments_per_sequence", "5",
+     "divisor of data.seq_len=32"),
+    ("nlp", ["data.path=/nonexistent/book.txt"], "data.path", "'/nonexistent/book.txt'", "no such file"),
+    ("nlp", ["data.path={not_utf8}"], "data.path", "latin1.txt", "not UTF-8"),
+    ("nlp", ["data.path={tmp_path}"], "data.path", str(Path("{tmp_path}")), "not a regular file"),
+    ("nlp", ["data.path={empty}"], "data.path", "empty.txt", "the file is empty"),
+    ("nlp", ["model.num_experts=0"], "model.num_experts", "0", ">= 1"),
+    ("nlp", ["model._target_=nlp.models.NopeLM"], "model._target_", "'nlp.models.NopeLM'", "conf/model/nlp"),
+    ("nlp", ["trainer.precision=fp16"], "trainer.precision", "'fp16'", "auto, fp32 or bf16"),
+    ("nlp", ["trainer.warmup_fraction=1.5"], "trainer.warmup_fraction", "1.5", "[0, 1)"),
+    ("recsys", ["model=esmm", "data=synthetic"], "model", "ESMM", "data=adult"),
+    ("recsys", ["data=census_kdd"], "data.path", "None", "census-income.data"),
+    ("recsys", ["data.batch_size=0"], "data.batch_size", "0", ">= 1"),
+    ("recsys", ["trainer.device=cuda"], "trainer.device", "'cuda'", "no CUDA device"),
+    ("recsys", ["+router=topk", "router.top_k=9"], "router.top_k", "9", "num_experts=8"),
+    ("recsys", ["model=ple", "model.num_task_experts=0"], "model.num_task_experts", "0", ">= 1"),
+    ("multimodal", ["model.model_name=mm-clip-nope"], "model.model_name", "'mm-clip-nope'", "mm-clip-tiny-p4-32"),
+    ("multimodal", ["data.image_size=28"], "data.image_size", "28", "data.image_size=32"),
+    ("multimodal", ["model=limoe", "data.image_size=30"], "data.image_size", "30", "model.patch_size=4"),
+    ("multimodal", ["data.batch_size=1"], "data.batch_size", "1", ">= 2"),
+    ("multimodal", ["data.sources=[openmoji,imagenet]"], "data.sources", "['openmoji', 'imagenet']", "fashion_mnist"),
+    ("multimodal", ["trainer.max_steps=0"], "trainer.max_steps", "0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("domain,overrides,key,value,allowed", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[3][:24]}" for c in CASES])
+def test_bad_config_is_one_clear_line_and_exit_2(domain, overrides, key, value, allowed, capsys, tmp_path, not_utf8):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    overrides = [o.format(tmp_path=tmp_path, not_utf8=not_utf8, empty=empty) for o in overrides]
+    value = value.format(tmp_path=tmp_path)
+    line = _refused(domain, overrides, capsys, tmp_path)
+    assert f"error: {key}=" in line, line
+    assert value in line.split(" is not allowed")[0], line
+    assert allowed in line, line
+
+
+def test_expert_parallel_world_size_must_divide_the_experts(monkeypatch, capsys, tmp_path):
+    """``trainer.expert_parallel=true`` shares the experts among the WORLD_SIZE processes."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    line = _refused("nlp", ["++trainer.expert_parallel=true"], capsys, tmp_path)
+    assert "trainer.expert_parallel=True" in line and "WORLD_SIZE=3" in line and "num_experts=4" in line
+    monkeypatch.setenv("WORLD_SIZE", "2")   # 2 divides 4: accepted by this check
+    from core.validate import check_expert_parallel
+    check_expert_parallel({"expert_parallel": True}, 4)
+
+
+def test_unknown_router_choice_names_the_option_and_lists_the_routers():
+    """``+router=nope`` is refused by Hydra while composing, with the list of router configs."""
+    with pytest.raises(MissingConfigException) as exc:
+        _compose("vision", "+router=nope")
+    message = str(exc.value)
+    assert "router/nope" in message and "topk" in message and "expert_choice" in message
+
+
+def test_a_good_config_passes_every_domain():
+    for domain in ("vision", "nlp", "recsys", "multimodal"):
+        importlib.import_module(f"{domain}.train").validate_config(_compose(domain))
+
+
+def test_router_errors_are_relabelled_with_their_config_key():
+    err = to_config_error(ValueError("top_k=9 is not allowed: it must be <= num_experts=4."), "router.")
+    assert (err.key, err.value_repr, err.allowed) == ("router.top_k", "9", "it must be <= num_experts=4")
+    assert str(err) == "router.top_k=9 is not allowed: it must be <= num_experts=4."
+    other = to_config_error(ValueError("something else"), key="data.path", value="x")
+    assert str(other) == "data.path='x' is not allowed: something else."
+
+
+def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path):
+    def fit(prepared):
+        raise NonFiniteLossError("non-finite loss at step 7 (epoch 0, batch 7): task loss=nan.")
+
+    with pytest.raises(SystemExit) as exc:
+        cli.run_main(_compose("vision"), "vision", prepare=lambda cfg: None, fit=fit, out_dir=lambda cfg: tmp_path)
+    err = capsys.readouterr().err
+    assert exc.value.code == cli.NONFINITE_EXIT
+    assert err.strip() == "error: non-finite loss at step 7 (epoch 0, batch 7): task loss=nan."
+
+
+def test_in_a_sweep_an_inapplicable_router_gets_an_na_row_but_a_bad_config_stops(monkeypatch, capsys, tmp_path):
+    from nlp.models import NonCausalRoutingError
+    from vision.train import validate_config
+
+    monkeypatch.setattr(cli, "is_multirun", lambda: True)
+    out = cli.run_main(_compose("vision", "+router=hash"), "vision", validate=validate_config, prepare=_never,
+                       out_dir=lambda cfg: tmp_path, row=lambda cfg: {"router": "hash"})
+    assert out is None
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "n/a" and record["router"] == "hash" and "token ids" in record["reason"]
+    assert capsys.readouterr().err.startswith("n/a: ")
+
+    def noncausal(cfg):
+        raise NonCausalRoutingError("router expert_choice is not causal")
+
+    (tmp_path / "metrics.json").unlink()
+    cli.run_main(_compose("nlp"), "nlp", prepare=noncausal, out_dir=lambda cfg: tmp_path,
+                 not_applicable=(NonCausalRoutingError,))
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "n/a"
+
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(SystemExit) as exc:  # the sweep's shared config is wrong: every job would fail
+        cli.run_main(_compose("vision", "trainer.lr=-1"), "vision", validate=validate_config, prepare=_never,
+                     out_dir=lambda cfg: tmp_path)
+    assert exc.value.code == cli.CONFIG_ERROR_EXIT and not (tmp_path / "metrics.json").exists()
+
+
+def test_not_applicable_is_a_config_error():
+    assert issubclass(NotApplicableError, ConfigError) and issubclass(ConfigError, ValueError)
+
+
+# ------------------------------------------------------------------------------- real command lines
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("module,args,expected", [
+    ("vision.train", ["trainer.lr=-1"], "error: trainer.lr=-1 is not allowed: it must be a finite number >= 0."),
+    ("nlp.train", ["debug=default", "data.path=/nonexistent/book.txt"], "error: data.path='/nonexistent/book.txt' "
+     "is not allowed: no such file"),
+    ("recsys.train", ["model=esmm", "data=synthetic"], "error: model='esmm' is not allowed: ESMM models a click"),
+], ids=["vision-lr", "nlp-path", "recsys-esmm-synthetic"])
+def test_command_line_bad_config(module, args, expected, tmp_path):
+    res = _cli(module, *args, f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), res.stderr
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "history.jsonl").exists()
