@@ -66,9 +66,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import core
+from core import distributed as dist_utils
 from core.moe import MoE
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,9 @@ class TrainerConfig:
         progress: tqdm bar: ``auto`` (only on a terminal), true or false.
         save_model: write the final weights as a plain state dict, ``<out_dir>/model.pt`` (e.g. the
             dense model that ``upcycle_from=`` starts an MoE from).
+        expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
+            (``core.distributed.shard_experts``); False: every rank holds every expert (plain data
+            parallelism). No effect in one process.
     """
 
     max_epochs: int = 1
@@ -134,6 +139,7 @@ class TrainerConfig:
     eval_every_epochs: int = 1
     progress: bool | str = "auto"
     save_model: bool = True
+    expert_parallel: bool = False
 
     def __post_init__(self):
         _check_int("trainer.max_epochs", self.max_epochs, 1)
@@ -163,6 +169,8 @@ class TrainerConfig:
         _check_int("trainer.eval_every_epochs", self.eval_every_epochs, 1)
         if self.progress not in ("auto", True, False):
             raise ValueError(f"trainer.progress={self.progress!r} is not allowed: use auto, true or false.")
+        if not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"trainer.expert_parallel={self.expert_parallel!r} is not allowed: use true or false.")
         self.betas = tuple(float(b) for b in self.betas)
 
     @classmethod
@@ -230,8 +238,14 @@ class TensorLoader:
             return self.num_examples // self.batch_size
         return math.ceil(self.num_examples / self.batch_size)
 
-    def batches(self, epoch: int = 0, start: int = 0, seed: int = 0) -> Iterator:
-        """Batches ``start, start+1, ...`` of epoch ``epoch`` (order from a generator seeded by (seed, epoch))."""
+    def batches(self, epoch: int = 0, start: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1) -> Iterator:
+        """Batches ``start, start+1, ...`` of epoch ``epoch`` (order from a generator seeded by (seed, epoch)).
+
+        With ``world_size`` > 1 each batch is cut into ``world_size`` near-equal slices and rank
+        ``rank`` gets its slice (a batch smaller than ``world_size`` is first filled by repeating its
+        examples), so the global batch, the steps per epoch and the resume position do not depend on
+        the number of ranks; the transform's generator then also folds in the rank.
+        """
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(seed, epoch))
             order = torch.randperm(self.num_examples, generator=g)
@@ -239,25 +253,56 @@ class TensorLoader:
             order = torch.arange(self.num_examples)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if world_size > 1:
+                idx = shard_slice(idx, rank, world_size)
             batch = tuple(t[idx] for t in self.tensors)
             if self.transform is not None:
-                batch = self.transform(batch, torch.Generator().manual_seed(derive_seed(seed, epoch, i)))
+                parts = (seed, epoch, i) if world_size == 1 else (seed, epoch, i, rank)
+                batch = self.transform(batch, torch.Generator().manual_seed(derive_seed(*parts)))
             yield batch
 
     def __iter__(self) -> Iterator:
         return self.batches()
 
 
-def iter_batches(loader, epoch: int = 0, start: int = 0, seed: int = 0) -> Iterator:
+def iter_batches(loader, epoch: int = 0, start: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1) -> Iterator:
     """Batches of one epoch from ``start`` on, from a ``TensorLoader``-like object (``batches()``) or
     any iterable; a ``torch.utils.data.DataLoader`` built with ``generator=`` is reseeded by
-    (seed, epoch) so its order is reproducible too."""
+    (seed, epoch) so its order is reproducible too. With ``world_size`` > 1, rank ``rank`` gets its
+    slice of every batch (``TensorLoader.batches``; other iterables: ``shard_batch``)."""
     if hasattr(loader, "batches"):
+        if world_size > 1:
+            return iter(loader.batches(epoch=epoch, start=start, seed=seed, rank=rank, world_size=world_size))
         return iter(loader.batches(epoch=epoch, start=start, seed=seed))
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(derive_seed(seed, epoch))
-    return itertools.islice(iter(loader), start, None)
+    batches = itertools.islice(iter(loader), start, None)
+    if world_size > 1:
+        return (shard_batch(b, rank, world_size) for b in batches)
+    return batches
+
+
+def shard_slice(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s part of a batch's example indices: near-equal contiguous slices, a batch
+    smaller than ``world_size`` filled up by repeating its examples (no rank gets an empty batch)."""
+    if idx.numel() < world_size:
+        idx = idx.repeat(math.ceil(world_size / max(1, idx.numel())))[:world_size]
+    return idx.tensor_split(world_size)[rank]
+
+
+def shard_batch(batch, rank: int, world_size: int):
+    """Rank ``rank``'s slice (``shard_slice``) of every tensor in nested tuples/lists/dicts."""
+    if isinstance(batch, torch.Tensor):
+        return batch[shard_slice(torch.arange(batch.shape[0]), rank, world_size)]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: shard_batch(v, rank, world_size) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(shard_batch(v, rank, world_size) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(shard_batch(v, rank, world_size) for v in batch)
+    raise ValueError(f"cannot split a {type(batch).__name__} batch across ranks: use a core.engine.TensorLoader "
+                     "(its batches are split by example index) or batches of tensors.")
 
 
 def move_to(batch, device: torch.device):
@@ -454,6 +499,13 @@ class Trainer:
         self.seed = int(seed)
         self.info = dict(info or {})
         self.device = resolve_device(config.device)
+        # under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL on CUDA)
+        dist_utils.init_distributed(self.device.type)
+        self.device = dist_utils.local_device(self.device)
+        self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        if not self.is_main:  # one log: the other ranks report warnings only
+            logging.getLogger().setLevel(logging.WARNING)
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         if bf16 and self.device.type != "cuda":
             log.warning("trainer.precision=bf16 on %s: using fp32 (bf16 autocast is for CUDA)", self.device)
@@ -486,6 +538,7 @@ class Trainer:
         eval_loaders = dict(eval_loaders or {})
         self.out_dir.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
+        self._distribute(model)
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
             raise ValueError("the training loader yields no batch: more data or a smaller batch_size is needed.")
@@ -500,7 +553,7 @@ class Trainer:
         state = _State()
         if cfg.resume:
             state = self._resume(model, optimizer, scheduler, state)
-        else:
+        elif self.is_main:
             self.history_path.unlink(missing_ok=True)
 
         t_start = time.perf_counter()
@@ -511,7 +564,7 @@ class Trainer:
             while state.step < total_steps and state.epoch < cfg.max_epochs:
                 model.train()
                 t_step = time.perf_counter()
-                for batch in iter_batches(train_loader, state.epoch, state.batch, self.seed):
+                for batch in iter_batches(train_loader, state.epoch, state.batch, self.seed, self.rank, self.world_size):
                     batch = move_to(batch, self.device)
                     n = count_examples(batch)
                     with self.autocast():
@@ -519,9 +572,11 @@ class Trainer:
                     aux_terms = core.aux_loss_terms(model)
                     loss = task_loss.float() + core.collect_aux_loss(model)
                     bad = None if torch.isfinite(loss) else self._offending_term(task_loss, aux_terms)
+                    share, n, bad, loss_value = self._across_ranks(loss, n, bad)
                     grad_norm = None
                     if bad is None:
-                        loss.backward()
+                        (loss if share == 1.0 else loss * share).backward()
+                        self._sync_gradients(params)
                         grad_norm = self._clip(params)
                         if grad_norm is not None and not math.isfinite(grad_norm):
                             bad = f"gradient norm={grad_norm}"
@@ -534,13 +589,13 @@ class Trainer:
                         state.skipped += 1
                     else:
                         optimizer.step()
+                        dist_utils.sum_router_loads(model)
                         core.after_optimizer_step(model)
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     state.step += 1
                     state.batch += 1
                     if bad is None:
-                        loss_value = float(loss.detach())
                         state.epoch_loss_sum += loss_value * n
                         state.epoch_examples += n
                     now = time.perf_counter()
@@ -583,18 +638,63 @@ class Trainer:
             state.last_eval = self._evaluate_all(model, evaluate, eval_loaders)
             state.last_eval_step = state.step
         state.wall_time_s = wall_before + time.perf_counter() - t_start
+        # experts back on every rank: the caller gets the whole model, as from one process
+        dist_utils.unshard_experts(model)
         metrics = self._final_metrics(model, state, evaluate, eval_loaders, total_steps)
-        if cfg.save_model:
-            tmp = self.out_dir / "model.pt.tmp"
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, self.out_dir / "model.pt")
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+        if self.world_size > 1:
+            metrics = dist_utils.broadcast_object({**metrics, "world_size": self.world_size,
+                                                   "expert_parallel": cfg.expert_parallel})
+        if self.is_main:
+            if cfg.save_model:
+                tmp = self.out_dir / "model.pt.tmp"
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+                os.replace(tmp, self.out_dir / "model.pt")
+            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+        if self.world_size > 1:
+            dist.barrier()
         return metrics
 
     # -- pieces ------------------------------------------------------------------------------------
 
+    def _distribute(self, model: nn.Module) -> None:
+        """Under torchrun: rank 0's starting weights on every rank, then (``expert_parallel``) each
+        MoE layer's experts spread over the ranks, and a random stream per rank (router noise,
+        dropout) derived from the seed."""
+        if self.world_size <= 1:
+            return
+        dist_utils.broadcast_parameters(model)
+        if self.cfg.expert_parallel:
+            layers = dist_utils.shard_experts(model)
+            if layers:
+                log.info("expert parallelism: %d MoE layers spread over %d ranks", layers, self.world_size)
+            else:
+                log.info("trainer.expert_parallel=true: the model has no core MoE layer; plain data parallelism")
+        torch.manual_seed(derive_seed(self.seed, self.rank, self.world_size))
+
+    def _across_ranks(self, loss: torch.Tensor, n: int, bad: str | None) -> tuple[float, int, str | None, float]:
+        """``(share, global examples, agreed non-finite reason, global mean loss)``. Every rank takes or
+        skips the step together; each rank's loss is weighted by its share of the global batch, so
+        the summed gradients are those of the global mean (one process: ``(1, n, bad, loss)``)."""
+        if self.world_size <= 1:
+            return 1.0, n, bad, float(loss.detach())
+        ok = bad is None
+        vec = torch.tensor([n, float(loss.detach()) * n if ok else 0.0, 0.0 if ok else 1.0],
+                           dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec)
+        total, loss_sum, ranks_bad = vec.tolist()
+        if ok and ranks_bad:
+            bad = f"loss on {int(ranks_bad)} other rank(s)"
+        return n / total, int(total), bad, loss_sum / total
+
+    def _sync_gradients(self, params) -> None:
+        """Sum the replicated parameters' gradients over the ranks (sharded experts excluded)."""
+        if self.world_size > 1:
+            dist_utils.all_reduce_gradients(params)
+
     def _clip(self, params) -> float | None:
         if self.cfg.grad_clip:
+            if self.world_size > 1:  # one norm over every rank's gradients: replicas stay identical
+                return dist_utils.clip_grad_norm_(params, self.cfg.grad_clip)
             return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         return None
 
@@ -608,7 +708,7 @@ class Trainer:
         return "sum of the loss terms"
 
     def _progress(self, total: int, initial: int):
-        show = self.cfg.progress
+        show = self.cfg.progress if self.is_main else False
         if show == "auto":
             show = sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
         if not show:
@@ -647,6 +747,7 @@ class Trainer:
         return out
 
     def _end_epoch(self, model, evaluate, eval_loaders, state: _State, do_eval: bool) -> None:
+        dist_utils.sum_routing_stats(model)  # every rank's training tokens (evaluation is replicated)
         train_stats = core.routing_stats(model, reset=True)
         record = {
             "epoch": state.epoch, "step": state.step, "end_of_epoch": True,
@@ -719,50 +820,62 @@ class Trainer:
         return counter.get_total_flops() / max(1, batch_size_of(batch))
 
     def _append_history(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.history_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, model, optimizer, scheduler, state: _State, wall: float) -> None:
-        for name, p in model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteLossError(f"parameter {name} is not finite at step {state.step}: checkpoint not written.")
+        """Write the checkpoint in the unsharded layout (rank 0 writes; every rank takes part)."""
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if self.world_size > 1:
+            bad = [name for names in dist_utils.all_gather_object(bad[:1]) for name in names]
+        for name in bad[:1]:
+            raise NonFiniteLossError(f"parameter {name} is not finite at step {state.step}: checkpoint not written.")
         state.wall_time_s = wall
-        sd = model.state_dict()
+        sd = dist_utils.full_state_dict(model)
         payload = {
             "model": sd,
-            "buffers": {k: b.detach().clone() for k, b in model.named_buffers() if k not in sd},
-            "optimizer": optimizer.state_dict(),
+            "buffers": dist_utils.checkpoint_buffers(model, exclude=sd),
+            "optimizer": dist_utils.full_optimizer_state_dict(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
             "state": dataclasses.asdict(state),
             "trainer": dataclasses.asdict(self.cfg),
             "info": self.info,
         }
-        save_checkpoint(self.ckpt_path, payload)
+        if self.world_size > 1:
+            payload["rng_ranks"] = dist_utils.all_gather_object(payload["rng"])
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, payload)
 
     def _resume(self, model, optimizer, scheduler, state: _State) -> _State:
         found = find_checkpoint(self.cfg.resume, self.out_dir)
         if found is None:
             log.warning("trainer.resume=true but no checkpoint in %s: starting from scratch", self.out_dir / "checkpoints")
-            self.history_path.unlink(missing_ok=True)
+            if self.is_main:
+                self.history_path.unlink(missing_ok=True)
             return state
         path, ck = found
-        model.load_state_dict(ck["model"])
-        buffers = dict(model.named_buffers())
-        for k, v in ck.get("buffers", {}).items():
-            if k in buffers:
-                buffers[k].copy_(v)
-        optimizer.load_state_dict(ck["optimizer"])
+        # checkpoints hold every expert: each rank takes its slice, whatever the number of ranks that wrote it
+        dist_utils.load_full_state_dict(model, ck["model"])
+        dist_utils.load_checkpoint_buffers(model, ck.get("buffers", {}))
+        dist_utils.load_full_optimizer_state_dict(model, optimizer, ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
         state = _State(**ck["state"])
+        rng_ranks = ck.get("rng_ranks") or [ck["rng"]]
+        if len(rng_ranks) == self.world_size:
+            _set_rng_state(rng_ranks[self.rank])
+        else:  # another number of ranks wrote it: a fresh per-rank stream from the position
+            _set_rng_state(ck["rng"])
+            torch.manual_seed(derive_seed(self.seed, self.rank, self.world_size, state.step))
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, state.epoch, state.batch, state.step)
         self._truncate_history(state.step)
         return state
 
     def _truncate_history(self, step: int) -> None:
         """Drop history lines written after the checkpoint (by the interrupted process)."""
-        if not self.history_path.exists():
+        if not self.is_main or not self.history_path.exists():
             return
         keep = []
         for line in self.history_path.read_text().splitlines():
