@@ -491,3 +491,29 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def _stat_buffer_keys(model: nn.Module) -> set[str]:
+    return {f"{n}.{b}" if n else b for n, m in model.named_modules() if isinstance(m, MoE) for b in _MOE_STAT_BUFFERS}
+
+
+@torch.no_grad()
+def checkpoint_buffers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Copies of the buffers a state dict leaves out (routing statistics of the running epoch),
+    the MoE statistics summed over the ranks: a checkpoint holds the global batch's counts."""
+    exclude, stats = set(exclude), _stat_buffer_keys(model)
+    out = {k: b.detach().clone() for k, b in model.named_buffers() if k not in exclude}
+    if get_world_size() > 1:
+        for k in sorted(stats & out.keys()):
+            dist.all_reduce(out[k])
+    return out
+
+
+@torch.no_grad()
+def load_checkpoint_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Restore ``checkpoint_buffers``: summed statistics go to rank 0 (zeros elsewhere), so summing
+    over any number of ranks later gives the saved counts again."""
+    buffers, stats = dict(model.named_buffers()), _stat_buffer_keys(model)
+    for k, v in saved.items():
+        if k in buffers:
+            buffers[k].copy_(v if (k not in stats or get_rank() == 0) else torch.zeros_like(v))
