@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import io
 import itertools
@@ -72,6 +73,7 @@ from torch import nn
 import core
 from core import distributed as dist_utils
 from core.moe import MoE
+from core.runs import machine_description
 
 log = logging.getLogger(__name__)
 
@@ -791,6 +793,8 @@ class Trainer:
             "seed": self.seed,
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
+            "machine": machine_description(str(self.device)),
+            "finished_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         return metrics
 
