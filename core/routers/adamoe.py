@@ -24,13 +24,13 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
 
 
-class AdaMoERouter(Router):
+class AdaMoERouter(TokenChoiceCapacity, Router):
     """Top-K over n true + m null experts; nulls cost nothing and output 0.
 
     Args:
@@ -63,14 +63,8 @@ class AdaMoERouter(Router):
         self.weight = init_router_weight(total, dim)
 
     @property
-    def is_causal(self) -> bool:
-        return self.capacity_factor is None or self.top_k == 1
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(group_size * self.top_k, self.num_experts + self.num_null_experts,
-                                self.capacity_factor)
+    def capacity_experts(self) -> int:
+        return self.num_experts + self.num_null_experts  # a null expert's slots count like a real one's
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         E, K = self.num_experts, self.top_k

@@ -42,6 +42,44 @@ def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float, 
     return max(multiple_of, int(math.ceil(capacity / multiple_of) * multiple_of))
 
 
+class TokenChoiceCapacity:
+    """Capacity and causality of a token-choice router whose expert buffers hold
+    ``C = ceil(S·k·cf / E)`` assignments each (``compute_capacity``), k the experts per token.
+
+    Causal iff dropless (``capacity_factor=None``) or one expert per token without Batch Prioritized
+    Routing: buffers fill choice-major (every token's first choice before any second choice), so with
+    k > 1 a later token's first choice can push out an earlier token's second choice, and BPR
+    reorders the whole group by gate value. Mix it in before ``Router``; a router overrides
+    ``experts_per_token`` or ``capacity_experts`` where they differ from ``top_k`` and
+    ``num_experts`` (hierarchical routing, AdaMoE's null experts).
+    """
+
+    capacity_factor: float | None
+    capacity_multiple_of: int = 1
+    batch_priority: bool = False
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k
+
+    @property
+    def capacity_experts(self) -> int:
+        """The experts the ``S·k`` assignments are spread over."""
+        return self.num_experts
+
+    @property
+    def is_causal(self) -> bool:
+        if self.capacity_factor is None:
+            return True
+        return self.experts_per_token == 1 and not self.batch_priority
+
+    def capacity(self, group_size: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return compute_capacity(group_size * self.experts_per_token, self.capacity_experts, self.capacity_factor,
+                                self.capacity_multiple_of)
+
+
 class Router(nn.Module):
     """Base class of every router: ``forward(x_GSD, mask_GS=None) -> Routing``.
 

@@ -27,13 +27,13 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
 
 
-class DeepSeekRouter(Router):
+class DeepSeekRouter(TokenChoiceCapacity, Router):
     """Sigmoid top-k with a selection-only bias updated outside autograd (DeepSeek-V3).
 
     Args:
@@ -93,15 +93,6 @@ class DeepSeekRouter(Router):
             self.expert_bias_E = bias.to(self.expert_bias_E.device, torch.float32)
             self.pending_load_E = load.to(self.pending_load_E.device, torch.float32)
         return self
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(group_size * self.top_k, self.num_experts, self.capacity_factor)
-
-    @property
-    def is_causal(self) -> bool:
-        return self.capacity_factor is None or self.top_k == 1
 
     def _group_limit(self, biased_GSE: torch.Tensor) -> torch.Tensor:
         """Mask (−inf) the experts outside each token's ``topk_group`` best expert groups."""

@@ -21,13 +21,13 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
 
 
-class GShardRouter(Router):
+class GShardRouter(TokenChoiceCapacity, Router):
     """GShard top-2 with random routing of the second expert.
 
     Args:
@@ -60,15 +60,8 @@ class GShardRouter(Router):
         self.weight = init_router_weight(num_experts, dim)
 
     @property
-    def is_causal(self) -> bool:
-        # Buffers fill every first choice before any second choice, so with a capacity a later
-        # token's first choice can push out an earlier token's second choice.
-        return self.capacity_factor is None
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(2 * group_size, self.num_experts, self.capacity_factor, self.capacity_multiple_of)
+    def experts_per_token(self) -> int:
+        return 2  # top-2 (the second choice may be dropped by random routing, but it is counted)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         logits_GSE = self.linear_logits(x_GSD, self.weight)

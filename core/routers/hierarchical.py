@@ -19,13 +19,13 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
 
 
-class HierarchicalRouter(Router):
+class HierarchicalRouter(TokenChoiceCapacity, Router):
     """Top-level router over expert groups, then top-k inside each chosen group.
 
     Args:
@@ -61,15 +61,6 @@ class HierarchicalRouter(Router):
     @property
     def experts_per_token(self) -> int:
         return self.top_groups * self.top_k
-
-    @property
-    def is_causal(self) -> bool:
-        return self.capacity_factor is None or self.experts_per_token == 1
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(group_size * self.experts_per_token, self.num_experts, self.capacity_factor)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape

@@ -15,13 +15,13 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
 
 
-class TopKRouter(Router):
+class TopKRouter(TokenChoiceCapacity, Router):
     """Softmax token choice (V-MoE) / renormalised top-k (Mixtral).
 
     Args:
@@ -70,20 +70,6 @@ class TopKRouter(Router):
             gshard=gshard_loss_weight, z=z_loss_weight,
         )
         self.weight = init_router_weight(num_experts, dim)
-
-    @property
-    def is_causal(self) -> bool:
-        # With a capacity, a later token can take an earlier token's slot: buffers fill K-major (a
-        # later token's 1st choice before an earlier token's 2nd), and BPR reorders the whole group.
-        if self.capacity_factor is None:
-            return True
-        return self.top_k == 1 and not self.batch_priority
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(group_size * self.top_k, self.num_experts, self.capacity_factor,
-                                self.capacity_multiple_of)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         logits_GSE = self.linear_logits(x_GSD, self.weight)

@@ -20,12 +20,12 @@ from torch import nn
 
 from core import losses
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, select_token_choice,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, select_token_choice,
 )
 from core.routing import Routing
 
 
-class XMoERouter(Router):
+class XMoERouter(TokenChoiceCapacity, Router):
     """Cosine routing in a d_e-dimensional space with a learnable temperature.
 
     Args:
@@ -62,15 +62,6 @@ class XMoERouter(Router):
     @property
     def temperature(self) -> torch.Tensor:
         return 1.0 / self.logit_scale.clamp(max=self.max_logit_scale).exp()
-
-    @property
-    def is_causal(self) -> bool:
-        return self.capacity_factor is None or self.top_k == 1
-
-    def capacity(self, group_size: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return compute_capacity(group_size * self.top_k, self.num_experts, self.capacity_factor)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         with torch.autocast(device_type=x_GSD.device.type, enabled=False):

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import core
 from core.engine import (
     NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, build_optimizer, count_parameters,
     find_checkpoint, load_checkpoint, save_checkpoint, seed_everything, warmup_cosine,

@@ -3,7 +3,6 @@ router config as a gate, and the paper's parameter budget."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
