@@ -91,7 +91,7 @@ def create_vmoe(
         num_last: n for ``last_n``.
         group_size: tokens per routing group (None: one image per group).
         num_shared_experts: always-on experts per MoE layer.
-        expert_impl: ``auto`` | ``grouped`` | ``loop``.
+        expert_impl: ``auto`` | ``chunked`` | ``grouped`` | ``loop`` (core.experts).
         upcycle_from: dense ViT weights (a module, a state dict, or a file holding one) copied into the
             model, every expert of an MoE block starting as that block's dense MLP.
         **kwargs: ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth, ...).

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import vision  # noqa: F401  (registers vmoe_* with timm)
 from core.cli import run_main
 from core.engine import Trainer, TrainerConfig, seed_everything
+from core.experts import IMPLS
 from core.surgery import PLACEMENTS
 from core.runs import run_dir
 from core.validate import ConfigError, check_readable_dir, check_router, check_trainer
@@ -57,8 +58,8 @@ def validate_config(cfg: DictConfig) -> None:
     elif not OmegaConf.is_list(placement):
         _fail("model.placement", placement, f"use one of {list(PLACEMENTS)} or a list of block indices")
     _positive_int_or_none("model.group_size", m.group_size)
-    if m.expert_impl not in ("auto", "grouped", "loop"):
-        _fail("model.expert_impl", m.expert_impl, "use auto, grouped or loop")
+    if m.expert_impl not in IMPLS:
+        _fail("model.expert_impl", m.expert_impl, f"use one of {', '.join(IMPLS)}")
     router = m.router
     if router is not None and (not OmegaConf.is_dict(router) or "_target_" not in router):
         _fail("router", router, "a conf/router/<name>.yaml choice, e.g. +router=topk")
