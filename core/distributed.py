@@ -305,23 +305,48 @@ def _sharded_keys(model: nn.Module) -> dict[str, MoE]:
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict in the unsharded layout (every expert), on every rank; a collective
-    when the model has expert-parallel layers."""
+    """The model's state dict in the unsharded layout (every expert, whole embedding tables), on
+    every rank; a collective when the model has sharded parts."""
     sd = model.state_dict()
     for key, layer in _sharded_keys(model).items():
         sd[key] = _gather_dim0(sd[key], layer.experts.ep_group)
+    for key in sorted(k for k, v in sd.items() if _is_sharded_tensor(v)):
+        sd[key] = _gather_sharded_tensor(sd[key])
     return sd
 
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
-    """Load an unsharded state dict into a model whose experts may be sharded: each rank takes its
-    slice of every sharded expert tensor."""
+    """Load an unsharded state dict into a model whose experts (or torchrec embedding tables) may
+    be sharded: each rank takes its slice of every sharded tensor."""
     sd = dict(state_dict)
     for key, layer in _sharded_keys(model).items():
         if key in sd:
             sd[key] = _local_slice(sd[key], layer)
+    for key, st in model.state_dict().items():
+        if _is_sharded_tensor(st) and key in sd:  # torchrec tables: fill the local shards in place
+            full = sd.pop(key)
+            for shard in st.local_shards():
+                index = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                shard.tensor.copy_(full[index])
+            sd[key] = st
     return model.load_state_dict(sd, strict=strict)
+
+
+def _is_sharded_tensor(v) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return isinstance(v, ShardedTensor)
+
+
+def _gather_sharded_tensor(st) -> torch.Tensor:
+    """A torchrec ``ShardedTensor`` as one whole tensor on every rank."""
+    full = torch.zeros(st.size(), dtype=st.dtype) if get_rank() == 0 else None
+    st.gather(dst=0, out=full)
+    if get_rank() != 0:
+        full = torch.empty(st.size(), dtype=st.dtype)
+    dist.broadcast(full, 0)
+    return full
 
 
 def _local_slice(t: torch.Tensor, layer: MoE) -> torch.Tensor:
@@ -357,20 +382,54 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return osd
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
-    """Load a state saved by ``full_optimizer_state_dict`` (any number of ranks) into ``optimizer``."""
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str | None]:
+    """The model's name of every parameter the optimizer holds, in its state-dict order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p)) for p in _optimizer_params(optimizer)]
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict,
+                                   names: list[str | None] | None = None) -> None:
+    """Load a state saved by ``full_optimizer_state_dict`` (any number of ranks) into ``optimizer``.
+
+    ``names`` (``optimizer_param_names`` at save time) match the saved state to parameters by name
+    when the two optimizers list different parameters (e.g. a torchrec model whose sharded tables
+    train with their own fused optimizer); the state of such table shards is dropped."""
+    osd = {"state": dict(osd["state"]), "param_groups": [dict(g) for g in osd["param_groups"]]}
+    current = optimizer_param_names(model, optimizer)
+    if names is not None and list(names) != current:
+        osd = _remap_by_name(osd, list(names), optimizer, current)
     layers = _sharded_param_layers(model)
-    if layers:
-        osd = {"state": dict(osd["state"]), "param_groups": osd["param_groups"]}
-        for idx, p in enumerate(_optimizer_params(optimizer)):
-            layer = layers.get(id(p))
-            if layer is None or idx not in osd["state"]:
-                continue
-            E = layer.experts.num_global_experts
-            osd["state"][idx] = {k: (_local_slice(v, layer) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == E
-                                     and v.shape[1:] == p.shape[1:] else v)
-                                 for k, v in osd["state"][idx].items()}
+    for idx, p in enumerate(_optimizer_params(optimizer)):
+        if idx not in osd["state"]:
+            continue
+        layer = layers.get(id(p))
+        if layer is None:
+            if is_sharded(p):  # a torchrec table shard: trained by its fused optimizer
+                del osd["state"][idx]
+            continue
+        E = layer.experts.num_global_experts
+        osd["state"][idx] = {k: (_local_slice(v, layer) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == E
+                                 and v.shape[1:] == p.shape[1:] else v)
+                             for k, v in osd["state"][idx].items()}
     optimizer.load_state_dict(osd)
+
+
+def _remap_by_name(osd: dict, saved_names: list, optimizer: torch.optim.Optimizer, current: list) -> dict:
+    if len(osd["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(osd['param_groups'])} parameter groups, this one "
+                         f"{len(optimizer.param_groups)}: it was written for another model.")
+    where = {n: i for i, n in enumerate(saved_names) if n is not None}
+    state, start = {}, 0
+    for saved_group, group in zip(osd["param_groups"], optimizer.param_groups):
+        idx = list(range(start, start + len(group["params"])))
+        for j in idx:
+            i = where.get(current[j])
+            if i is not None and i in osd["state"]:
+                state[j] = osd["state"][i]
+        saved_group["params"] = idx
+        start += len(idx)
+    return {"state": state, "param_groups": osd["param_groups"]}
 
 
 def _is_per_expert(v, p: torch.Tensor) -> bool:
@@ -443,6 +502,30 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group=None)
         for g in grads:
             g.mul_(coef)
     return total
+
+
+def follow_schedule(model: nn.Module, lr: float) -> None:
+    """Give the learning rate of the next step to an optimizer that runs inside the backward pass
+    (torchrec's fused embedding optimizer, ``model.fused_optimizer``); no-op without one."""
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is None:
+        return
+    for group in fused.param_groups:
+        group["lr"] = lr
+    fused.step()
+
+
+@torch.no_grad()
+def num_parameters(model: nn.Module) -> int:
+    """Parameters of the whole model: replicated ones once, sharded ones summed over the ranks."""
+    local = [p for p in model.parameters()]
+    total = sum(p.numel() for p in local if not is_sharded(p))
+    sharded = sum(p.numel() for p in local if is_sharded(p))
+    if get_world_size() > 1 and any(is_sharded(p) for p in local):
+        t = torch.tensor([sharded], dtype=torch.int64, device=local[0].device)
+        dist.all_reduce(t)
+        sharded = int(t)
+    return total + sharded
 
 
 _SUMMED_ROUTER_BUFFERS = ("pending_load_E",)  # loads counted between optimizer steps (DeepSeek bias)

@@ -440,7 +440,7 @@ def count_parameters(model: nn.Module, stats: dict | None = None) -> tuple[int, 
     """(total, active) parameters. Active = non-expert parameters + each MoE layer's expert
     parameters × (experts per token / E), experts per token measured in ``stats``
     (``core.routing_stats``) when the layer appears there, else the router's ``top_k`` (else E)."""
-    total = sum(p.numel() for p in model.parameters())
+    total = dist_utils.num_parameters(model)  # sharded tables (torchrec) summed over the ranks
     inactive = 0.0
     layers = (stats or {}).get("layers", {})
     for name, m in model.named_modules():
@@ -595,6 +595,7 @@ class Trainer:
                         core.after_optimizer_step(model)
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                    dist_utils.follow_schedule(model, scheduler.get_last_lr()[0])
                     state.step += 1
                     state.batch += 1
                     if bad is None:
@@ -646,10 +647,11 @@ class Trainer:
         if self.world_size > 1:
             metrics = dist_utils.broadcast_object({**metrics, "world_size": self.world_size,
                                                    "expert_parallel": cfg.expert_parallel})
+        full = dist_utils.full_state_dict(model) if cfg.save_model else {}
         if self.is_main:
             if cfg.save_model:
                 tmp = self.out_dir / "model.pt.tmp"
-                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+                torch.save({k: v.detach().cpu() for k, v in full.items()}, tmp)
                 os.replace(tmp, self.out_dir / "model.pt")
             (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
         if self.world_size > 1:
@@ -842,6 +844,7 @@ class Trainer:
             "model": sd,
             "buffers": dist_utils.checkpoint_buffers(model, exclude=sd),
             "optimizer": dist_utils.full_optimizer_state_dict(model, optimizer),
+            "optimizer_params": dist_utils.optimizer_param_names(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
             "state": dataclasses.asdict(state),
@@ -864,7 +867,7 @@ class Trainer:
         # checkpoints hold every expert: each rank takes its slice, whatever the number of ranks that wrote it
         dist_utils.load_full_state_dict(model, ck["model"])
         dist_utils.load_checkpoint_buffers(model, ck.get("buffers", {}))
-        dist_utils.load_full_optimizer_state_dict(model, optimizer, ck["optimizer"])
+        dist_utils.load_full_optimizer_state_dict(model, optimizer, ck["optimizer"], ck.get("optimizer_params"))
         scheduler.load_state_dict(ck["scheduler"])
         state = _State(**ck["state"])
         rng_ranks = ck.get("rng_ranks") or [ck["rng"]]

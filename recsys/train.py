@@ -29,12 +29,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from core.cli import run_main
+from core.distributed import is_main_process
 from core.engine import Trainer, TrainerConfig, seed_everything
 from core.runs import hydra_choice, run_dir
 from core.validate import (ConfigError, check_int, check_number, check_readable_dir, check_router, check_target,
                            check_trainer)
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
 from recsys.models import GateError, gate_stats, mixtures, reset_gate_stats
+from recsys.sharding import check_sharding, shard_embedding_tables
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     model = build_model(cfg, dataset)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+    # under torchrun: embedding tables spread over the ranks by torchrec (no-op in one process)
+    model = shard_embedding_tables(model, cfg.get("sharding"), trainer_cfg.lr, trainer_cfg.eps)
     info = {
         "domain": "recsys",
         "router": router_label(cfg, model),
@@ -232,7 +236,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
                       ("dropped_fraction", "val_gate_dropped_fraction")):
         if metrics.get(key) is None and ours in metrics:
             metrics[key] = metrics[ours]
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_main_process():
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                         if k.startswith("test_") and isinstance(v, float) and not k.endswith("_per_s"))
     log.info("recsys: %s", summary)
@@ -292,6 +297,7 @@ def validate_config(cfg: DictConfig) -> None:
     for i, w in enumerate(cfg.get("task_weights") or []):
         check_number(f"task_weights[{i}]", w, ge=0)
     check_int("num_threads", cfg.get("num_threads"), optional=True)
+    check_sharding(cfg.get("sharding"))
     check_trainer(cfg.trainer, counts[0] if counts else None)
 
 
