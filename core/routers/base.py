@@ -136,8 +136,11 @@ def select_token_choice(
     mask_GS: torch.Tensor | None = None,
     scores_GSE: torch.Tensor | None = None,
     eligible_GSE: torch.Tensor | None = None,
+    renormalize: bool = False,
 ) -> Routing:
-    """Top-K experts per token by ``select_GSE``; combine gate read from ``gates_GSE``.
+    """Top-K experts per token by ``select_GSE``; combine gate read from ``gates_GSE``, divided by
+    the sum of the token's K chosen gates when ``renormalize`` (before capacity drops, so a dropped
+    choice does not raise the weight of the kept one).
 
     Buffer slots are claimed K-major (every token's 1st choice before any 2nd choice) in token
     order, or in descending top-1 score order with Batch Prioritized Routing; choices past
@@ -158,6 +161,9 @@ def select_token_choice(
     token_N = token_GKS.reshape(-1)
     expert_N = expert_GKS.reshape(-1)
     weight_N = gates_GSE.reshape(G * S, E)[token_N, expert_N]
+    if renormalize:
+        chosen_sum_T = gates_GSE.gather(-1, top_idx_GSK).sum(-1).reshape(-1)
+        weight_N = weight_N / chosen_sum_T[token_N]
 
     keep_N = None
     num_choices: int | torch.Tensor = G * S * k

@@ -75,15 +75,10 @@ class TopKRouter(TokenChoiceCapacity, Router):
         logits_GSE = self.linear_logits(x_GSD, self.weight)
         noisy_GSE = self.add_noise(logits_GSE, self.noise_std)
         gates_GSE = torch.softmax(noisy_GSE, dim=-1)
-        combine_GSE = gates_GSE
-        if self.renormalize:
-            # softmax over the selected logits == selected softmax values divided by their sum
-            top_GSK = torch.topk(gates_GSE, self.top_k, dim=-1)
-            combine_GSE = torch.zeros_like(gates_GSE).scatter(
-                -1, top_GSK.indices, top_GSK.values / top_GSK.values.sum(-1, keepdim=True))
+        # renormalize: softmax over the selected logits == selected softmax values over their sum
         routing = select_token_choice(
-            gates_GSE, combine_GSE, self.top_k, self.capacity(x_GSD.shape[1]),
-            self.batch_priority, mask_GS, scores_GSE=gates_GSE,
+            gates_GSE, gates_GSE, self.top_k, self.capacity(x_GSD.shape[1]),
+            self.batch_priority, mask_GS, scores_GSE=gates_GSE, renormalize=self.renormalize,
         )
         self.aux_losses = self._aux_losses(logits_GSE, noisy_GSE, gates_GSE, mask_GS) if self.training else {}
         return routing
