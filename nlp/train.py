@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.analytics import RoutingRecorder, stability_from_counts
 from core.lora_experts import LoRAExperts
 from core.cli import run_main
+from core.distributed import is_main_process
 from core.engine import TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
 from core.runs import hydra_choice, run_dir
 from core.validate import (ConfigError, check_choice, check_int, check_number, check_readable_file, check_router,
@@ -220,7 +221,8 @@ class _SnapshotLoss:
         if self.calls in self.steps and self.calls not in self.snapshots:
             layers = record_routing(model, self.loader, self.max_batches)
             self.snapshots[self.calls] = [r["counts_LE"] for r in layers]
-            torch.save(self.snapshots, self.path)
+            if is_main_process():  # under torchrun every rank records the same snapshot
+                torch.save(self.snapshots, self.path)
         self.calls += 1
         return lm_loss(model, batch)
 
@@ -297,9 +299,11 @@ def _fit(cfg, trainer, model, train_loader, val_loader, loss_fn) -> dict:
     if cfg.analysis.enabled and model.moe_layers:
         snapshots = loss_fn.snapshots if isinstance(loss_fn, _SnapshotLoss) else None
         analysis = analyse_routing(model, val_loader, cfg.analysis, snapshots)
-        (trainer.out_dir / "analysis.json").write_text(json.dumps(analysis, indent=2, default=_plain) + "\n")
+        if is_main_process():
+            (trainer.out_dir / "analysis.json").write_text(json.dumps(analysis, indent=2, default=_plain) + "\n")
         metrics["analysis"] = _analysis_summary(analysis)
-    (trainer.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_main_process():
+        (trainer.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
