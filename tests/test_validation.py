@@ -82,6 +82,7 @@ CASES = [
     ("nlp", ["data.path={not_utf8}"], "data.path", "latin1.txt", "not UTF-8"),
     ("nlp", ["data.path={tmp_path}"], "data.path", str(Path("{tmp_path}")), "not a regular file"),
     ("nlp", ["data.path={empty}"], "data.path", "empty.txt", "the file is empty"),
+    ("nlp", ["data=nlp/text_file"], "data.path", "'???'", "give a UTF-8 text file"),
     ("nlp", ["model.num_experts=0"], "model.num_experts", "0", ">= 1"),
     ("nlp", ["model._target_=nlp.models.NopeLM"], "model._target_", "'nlp.models.NopeLM'", "conf/model/nlp"),
     ("nlp", ["trainer.precision=fp16"], "trainer.precision", "'fp16'", "auto, fp32 or bf16"),
