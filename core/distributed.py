@@ -24,6 +24,14 @@ the local experts' slices (same parameter names, first dimension E/W) and gains 
 ``full_state_dict`` / ``load_full_state_dict`` (and the optimizer counterparts) read and write the
 unsharded layout, so checkpoints load on any number of ranks.
 
+What is exact and what is per rank (engine, ``trainer.expert_parallel``): each rank's loss is
+weighted by its share of the global batch, so summed gradients are the global mean's; routing
+statistics are summed over ranks (``sum_routing_stats``), and so are the loads behind DeepSeek's
+bias update (``sum_router_loads``). Auxiliary losses, though, are computed by each rank's router on
+its own tokens (the importance/load CV² of half a batch is not that of the batch), and router noise
+comes from a per-rank random stream; both are standard practice (Switch, GShard compute balance
+losses per device) and keep runs close to, not equal to, one process.
+
 Data parallelism is an explicit gradient all-reduce (``all_reduce_gradients``) rather than a DDP
 wrapper: the engine hands the model itself to the domain's loss and evaluation functions, which
 may call methods other than ``forward`` (DDP only synchronises through ``forward``). Parameters

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core import collect_aux_loss
+from core import after_optimizer_step, collect_aux_loss
 from core.distributed import (
     ExpertParallel, all_reduce_gradients, clip_grad_norm_, full_optimizer_state_dict, full_state_dict,
-    get_rank, get_world_size, is_sharded, load_full_optimizer_state_dict, load_full_state_dict, shard_experts, sum_routing_stats,
+    get_rank, get_world_size, is_sharded, load_full_optimizer_state_dict, load_full_state_dict, shard_experts, sum_router_loads, sum_routing_stats,
     unshard_experts,
 )
+from core.lora_experts import LoRAExperts
 from core.moe import MoE
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.expert_choice import ExpertChoiceRouter
@@ -39,6 +40,8 @@ CASES = {
     "expert_choice": dict(router=functools.partial(ExpertChoiceRouter, capacity_factor=1.5, noise_std=0.0)),
     "deepseek_shared": dict(router=functools.partial(DeepSeekRouter, top_k=2, bias_update_rate=0.01),
                             num_shared_experts=1, glu=True, act_layer=torch.nn.SiLU),
+    "lora_experts": dict(router=functools.partial(TopKRouter, top_k=2, capacity_factor=None, noise_std=0.0),
+                         experts=functools.partial(LoRAExperts, rank=2, freeze_base=False)),
 }
 
 
@@ -121,7 +124,8 @@ def _equivalence_check(rank: int, world: int) -> None:
         ep = _layer(case)
         assert shard_experts(ep) == 1
         assert isinstance(ep.experts, ExpertParallel) and ep.experts.num_experts == E // world
-        assert ep.experts.w1_EDF.shape[0] == E // world and is_sharded(ep.experts.w1_EDF)
+        per_expert = [p for n, p in ep.experts.named_parameters(recurse=False)]
+        assert per_expert and all(p.shape[0] == E // world and is_sharded(p) for p in per_expert)
         y, dx = _step(ep, x[rank], cot[rank])
         torch.testing.assert_close(y, ref_out[rank], msg=f"{case}: outputs differ")
         torch.testing.assert_close(dx, ref_dx[rank], msg=f"{case}: input gradients differ")
@@ -141,6 +145,13 @@ def _equivalence_check(rank: int, world: int) -> None:
         sum_routing_stats(ep)
         torch.testing.assert_close(ep.stat_tokens_E, ref.stat_tokens_E)
         torch.testing.assert_close(ep.stat_counters[:4], ref.stat_counters[:4])
+        # DeepSeek's bias update sees the global batch's load once the pending loads are summed
+        sum_router_loads(ep)
+        after_optimizer_step(ref)
+        after_optimizer_step(ep)
+        for (name, a), b in zip(ref.named_buffers(), ep.buffers()):
+            if name.startswith("router."):
+                torch.testing.assert_close(b, a, msg=f"{case}: {name} differs after the optimizer step")
 
 
 def test_expert_parallel_layer_equals_one_process(outcomes):
