@@ -222,3 +222,22 @@ def test_helpers_without_a_process_group():
         shard_experts(layer)
     assert full_state_dict(layer).keys() == layer.state_dict().keys()
     all_reduce_gradients(layer.parameters())  # nothing to reduce: a no-op
+
+
+def test_loader_slices_cover_every_global_batch_whatever_the_ranks():
+    """Rank slices of a TensorLoader batch are the one-process batch cut in order (so the global batch,
+    the steps per epoch and resume positions do not depend on the number of ranks); a batch smaller
+    than the number of ranks is filled by repeating examples."""
+    from core.engine import TensorLoader, iter_batches
+
+    loader = TensorLoader((torch.arange(23),), batch_size=8, shuffle=True)
+    whole = [b[0] for b in iter_batches(loader, epoch=1, seed=3)]
+    for world in (2, 3):
+        per_rank = [[b[0] for b in iter_batches(loader, 1, 0, 3, r, world)] for r in range(world)]
+        assert all(len(batches) == len(whole) for batches in per_rank)
+        for i, batch in enumerate(whole):
+            assert torch.equal(torch.cat([per_rank[r][i] for r in range(world)]), batch)
+        resumed = [b[0] for b in iter_batches(loader, 1, 1, 3, 1, world)]
+        assert all(torch.equal(a, b) for a, b in zip(resumed, per_rank[1][1:]))
+    tiny = TensorLoader((torch.arange(5),), batch_size=4)  # last batch: one example for 2 ranks
+    assert [b[0].tolist() for b in iter_batches(tiny, 0, 1, 0, 1, 2)] == [[4]]
