@@ -9,7 +9,8 @@
 - a non-finite loss (``NonFiniteLossError``, naming the step and the loss term) exits with status 1;
 - in a Hydra multirun, a router that cannot serve the domain (``NotApplicableError``, or the domain's
   own such errors) writes ``metrics.json`` with ``status: n/a`` and the reason, and the sweep goes on;
-- anything else is a bug and keeps its traceback.
+- anything else is a bug and keeps its traceback;
+- under torchrun, only rank 0 reports the finished run (its summary and the sweeper's objective).
 
 Example (a domain's ``train.py``)::
 
@@ -32,6 +33,7 @@ from typing import Any, Callable, Mapping
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from core.distributed import is_main_process
 from core.engine import NonFiniteLossError
 from core.validate import ConfigError, NotApplicableError
 
@@ -128,4 +130,6 @@ def run_main(cfg: DictConfig, domain: str, *, prepare: Callable[[DictConfig], An
             _fail(err, NONFINITE_EXIT)
         except ConfigError as err:
             _fail(err, CONFIG_ERROR_EXIT)
+    if not is_main_process():  # under torchrun, rank 0 alone reports (and returns the objective)
+        return None
     return objective(metrics) if objective is not None else metrics
