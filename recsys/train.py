@@ -14,10 +14,11 @@ gates' expert utilisation (``gates``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import hydra
 import torch
@@ -188,9 +189,22 @@ def _out_dir(cfg: DictConfig) -> Path:
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train the model of ``cfg`` (``conf/recsys.yaml``) and return the metrics written to
-    ``metrics.json`` (the resolved ``config.yaml`` lands next to it)."""
+@dataclasses.dataclass
+class Prepared:
+    """A run ready to train: what ``prepare`` builds and ``fit`` consumes."""
+    cfg: DictConfig
+    out_dir: Path
+    dataset: Any
+    model: torch.nn.Module
+    trainer: Trainer
+    train_loader: Any
+    eval_loaders: dict
+    restore_threads: int
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Read the data and build the model and the trainer of ``cfg`` (``conf/recsys.yaml``); its errors
+    are configuration or data errors. Writes the resolved ``config.yaml`` into the run directory."""
     out_dir = _out_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -198,50 +212,62 @@ def train(cfg: DictConfig) -> dict:
         # these models are small: one thread per run avoids oversubscription (sweeps run runs side by side)
         torch.set_num_threads(int(cfg.num_threads))
     try:
-        return _train(cfg, out_dir)
-    finally:
+        seed_everything(int(cfg.seed))
+        d = cfg.data
+        dataset = build_dataset(cfg)
+        train_split = dataset.train.head(d.get("limit_train"))
+        eval_splits = {"val": dataset.val.head(d.get("limit_eval")), "test": dataset.test.head(d.get("limit_eval"))}
+        train_loader = make_loader(train_split, int(d.batch_size), shuffle=True,
+                                   drop_last=len(train_split) > d.batch_size)
+        eval_bs = int(d.get("eval_batch_size") or d.batch_size)
+        eval_loaders = {name: make_loader(split, eval_bs) for name, split in eval_splits.items()}
+        model = build_model(cfg, dataset)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+        # under torchrun: embedding tables spread over the ranks by torchrec (no-op in one process)
+        model = shard_embedding_tables(model, cfg.get("sharding"), trainer_cfg.lr, trainer_cfg.eps)
+        info = {
+            "domain": "recsys",
+            "router": router_label(cfg, model),
+            "model": cfg.get("model_name") or _choice_name(hydra_choice("model")) or type(model).__name__,
+            "data": dataset.name,
+            "tasks": {t.name: t.kind for t in dataset.tasks},
+            "data_info": dataset.info,
+            "train_examples": len(train_split),
+        }
+        trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info)
+    except BaseException:
         torch.set_num_threads(threads)
-
-
-def _train(cfg: DictConfig, out_dir: Path) -> dict:
-    seed_everything(int(cfg.seed))
-    d = cfg.data
-    dataset = build_dataset(cfg)
-    train_split = dataset.train.head(d.get("limit_train"))
-    eval_splits = {"val": dataset.val.head(d.get("limit_eval")), "test": dataset.test.head(d.get("limit_eval"))}
-    train_loader = make_loader(train_split, int(d.batch_size), shuffle=True, drop_last=len(train_split) > d.batch_size)
-    eval_bs = int(d.get("eval_batch_size") or d.batch_size)
-    eval_loaders = {name: make_loader(split, eval_bs) for name, split in eval_splits.items()}
-    model = build_model(cfg, dataset)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
-    # under torchrun: embedding tables spread over the ranks by torchrec (no-op in one process)
-    model = shard_embedding_tables(model, cfg.get("sharding"), trainer_cfg.lr, trainer_cfg.eps)
-    info = {
-        "domain": "recsys",
-        "router": router_label(cfg, model),
-        "model": cfg.get("model_name") or _choice_name(hydra_choice("model")) or type(model).__name__,
-        "data": dataset.name,
-        "tasks": {t.name: t.kind for t in dataset.tasks},
-        "data_info": dataset.info,
-        "train_examples": len(train_split),
-    }
-    trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info)
+        raise
     log.info("recsys: model=%s router=%s data=%s, %d parameters, %d training examples",
              info["model"], info["router"], dataset.name, sum(p.numel() for p in model.parameters()), len(train_split))
-    metrics = trainer.fit(model, train_loader, make_loss_fn(dataset.tasks, cfg.get("task_weights")),
-                          make_evaluate(dataset.tasks), eval_loaders=eval_loaders, count_examples=len)
+    return Prepared(cfg, out_dir, dataset, model, trainer, train_loader, eval_loaders, threads)
+
+
+def fit(p: Prepared) -> dict:
+    """Train a prepared run and return the metrics written to ``metrics.json``."""
+    try:
+        metrics = p.trainer.fit(p.model, p.train_loader, make_loss_fn(p.dataset.tasks, p.cfg.get("task_weights")),
+                                make_evaluate(p.dataset.tasks), eval_loaders=p.eval_loaders, count_examples=len)
+    finally:
+        torch.set_num_threads(p.restore_threads)
     # the engine's routing columns count core MoE layers; here the gated stages are the mixtures
     for key, ours in (("load_cv2", "val_gate_load_cv2"), ("experts_per_token", "val_gate_experts_per_example"),
                       ("dropped_fraction", "val_gate_dropped_fraction")):
         if metrics.get(key) is None and ours in metrics:
             metrics[key] = metrics[ours]
     if is_main_process():
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (p.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                         if k.startswith("test_") and isinstance(v, float) and not k.endswith("_per_s"))
     log.info("recsys: %s", summary)
     return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train the model of ``cfg`` (``conf/recsys.yaml``) and return the metrics written to
+    ``metrics.json`` (the resolved ``config.yaml`` lands next to it)."""
+    return fit(prepare(cfg))
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -316,7 +342,7 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the validation objective (mean MSE for regression data, 1 - mean AUC otherwise) for
     sweepers. Config and data errors: one line, exit 2; a non-finite loss: exit 1. In a multirun, a
     router that cannot serve as a gate gets an ``n/a`` metrics.json."""
-    return run_main(cfg, "recsys", validate=validate_config, prepare=train, out_dir=_out_dir, row=_row,
+    return run_main(cfg, "recsys", validate=validate_config, prepare=prepare, fit=fit, out_dir=_out_dir, row=_row,
                     not_applicable=(GateError,), objective=_objective)
 
 

@@ -157,6 +157,22 @@ def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path):
     assert err.strip() == "error: non-finite loss at step 7 (epoch 0, batch 7): task loss=nan."
 
 
+@pytest.mark.parametrize("domain", ["vision", "nlp", "recsys"])
+def test_an_error_during_training_keeps_its_traceback(domain, monkeypatch, tmp_path):
+    """Only preparing a run (data, model) can fail as a config error: a ValueError raised while
+    training is a bug and must reach the user whole, not as a one-line exit 2."""
+    module = importlib.import_module(f"{domain}.train")
+
+    def broken_fit(*args, **kwargs):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(module.Trainer, "fit", broken_fit)
+    out_key = "out_dir" if domain == "recsys" else "output_dir"
+    cfg = _compose(domain, "debug=default", f"{out_key}={tmp_path}")
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        module.main.__wrapped__(cfg)
+
+
 def test_in_a_sweep_an_inapplicable_router_gets_an_na_row_but_a_bad_config_stops(monkeypatch, capsys, tmp_path):
     from nlp.models import NonCausalRoutingError
     from vision.train import validate_config
