@@ -246,9 +246,11 @@ def _to_labelled_batch(batch, generator: torch.Generator) -> dict:
 def pair_loader(pairs: Pairs, batch_size: int, train: bool = False, routing_only: bool = False) -> TensorLoader:
     """Batches ``{"image": B×3×H×W, "text": B×L}``; ``train``: shuffled, a caption drawn per image,
     last partial batch dropped (contrastive batches should be full); ``routing_only``: batches are
-    marked for routing statistics only (pairs whose captions repeat, where retrieval is ill-posed)."""
+    marked for routing statistics only (pairs whose captions repeat, where retrieval is ill-posed),
+    and each image's caption is drawn as in training (reproducibly: the loader's generator is seeded
+    per batch), so the text routed has the training mix's templates in their training proportions."""
     return TensorLoader((pairs.images, pairs.caption_idx), batch_size, shuffle=train, drop_last=train,
-                        transform=_ToPairBatch(pairs.tokens, draw=train, routing_only=routing_only))
+                        transform=_ToPairBatch(pairs.tokens, draw=train or routing_only, routing_only=routing_only))
 
 
 def labelled_loader(pairs: Pairs, batch_size: int) -> TensorLoader:

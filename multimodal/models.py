@@ -365,6 +365,9 @@ class LIMoE(nn.Module):
         # assignments (or soft combine mass) per MoE layer, modality and expert
         self.register_buffer("modality_tokens_LME", torch.zeros(len(converted), 2, num_experts,
                                                                 dtype=torch.float64), persistent=False)
+        # tokens whose highest router score is expert e (the router's first choice, before capacity)
+        self.register_buffer("modality_choices_LME", torch.zeros(len(converted), 2, num_experts,
+                                                                 dtype=torch.float64), persistent=False)
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(name, layer) of every MoE layer of the shared transformer, in depth order."""
@@ -426,6 +429,7 @@ class LIMoE(nn.Module):
         modality_T[:n_img] = 0
         if layer.track_stats:
             self.modality_tokens_LME[idx] += modality_usage_counts(routing, modality_T, valid_T).to(torch.float64)
+            self.modality_choices_LME[idx] += modality_choice_counts(routing, modality_T, valid_T).to(torch.float64)
         if not self.training:
             return
         # the layer may have split the tokens into groups (padding a last one): regroup the masks alike
@@ -509,6 +513,19 @@ def modality_usage_counts(routing, modality_T: torch.Tensor, valid_T: torch.Tens
     return out
 
 
+@torch.no_grad()
+def modality_choice_counts(routing, modality_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """M×E valid tokens per modality whose highest router score is expert e: the router's first
+    choice, counted before capacity, so tokens dropped from a full expert still show where they went."""
+    E = routing.num_experts
+    T = modality_T.shape[0]
+    first_T = routing.scores_GSE.reshape(-1, E)[:T].argmax(-1)
+    out = torch.zeros(2, E, device=modality_T.device)
+    for m in range(2):
+        out[m] = torch.bincount(first_T[valid_T & (modality_T == m)], minlength=E).float()
+    return out
+
+
 def modality_usage(model: nn.Module) -> dict:
     """Expert usage per modality since the last reset.
 
@@ -517,13 +534,25 @@ def modality_usage(model: nn.Module) -> dict:
     of a modality's assignments that go to its most used expert (mean over layers; 1/E is perfectly
     balanced, 1.0 is collapse onto one expert). CLIP-MoE towers count as their modality; LIMoE
     splits the shared layers' routing by token modality. Padding never counts.
+
+    LIMoE also reports ``"<modality>_top_choice_share"``, its collapse measure: in each MoE layer, the
+    share of the modality's valid tokens whose highest router score is the expert most of them
+    pick (counted before capacity, so an overflowing expert cannot hide collapse by dropping
+    tokens), averaged over the MoE layers with equal weight.
     """
     usage: dict = {name: {} for name in MODALITIES}
     if isinstance(model, LIMoE):
-        for (name, _), counts_ME in zip(model.moe_layers(), model.modality_tokens_LME):
+        choice_shares: dict = {mod: [] for mod in MODALITIES}
+        for (name, _), counts_ME, choices_ME in zip(model.moe_layers(), model.modality_tokens_LME,
+                                                    model.modality_choices_LME):
             for m, mod in enumerate(MODALITIES):
                 if counts_ME[m].sum() > 0:
                     usage[mod][name] = (counts_ME[m] / counts_ME[m].sum()).tolist()
+                if choices_ME[m].sum() > 0:
+                    choice_shares[mod].append(float(choices_ME[m].max() / choices_ME[m].sum()))
+        for mod in MODALITIES:
+            shares = choice_shares[mod]
+            usage[f"{mod}_top_choice_share"] = sum(shares) / len(shares) if shares else None
     else:
         for name, layer in model.named_modules():
             mod = getattr(layer, "modality", None)
@@ -538,6 +567,7 @@ def modality_usage(model: nn.Module) -> dict:
 def reset_modality_usage(model: nn.Module) -> None:
     if isinstance(model, LIMoE):
         model.modality_tokens_LME.zero_()
+        model.modality_choices_LME.zero_()
     for layer in model.modules():
         if isinstance(layer, MoE):
             layer.reset_stats()

@@ -68,7 +68,9 @@ def clip_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     if isinstance(model, LIMoE):  # routing by modality in this training batch (joint group, noisy router)
         usage = modality_usage(model)
         model.modality_tokens_LME.zero_()
-        logs.update({f"{m}_top_expert_share": usage[f"{m}_top_expert_share"] for m in ("image", "text")})
+        model.modality_choices_LME.zero_()
+        logs.update({f"{m}_{k}": usage[f"{m}_{k}"] for m in ("image", "text")
+                     for k in ("top_expert_share", "top_choice_share")})
     return _clip_loss(image_features, text_features, logit_scale), logs
 
 
@@ -120,6 +122,9 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
             usage = modality_usage(model)
             out["text_top_expert_share"] = usage["text_top_expert_share"]
             out["image_top_expert_share"] = usage["image_top_expert_share"]
+            for key in ("text_top_choice_share", "image_top_choice_share"):  # LIMoE's collapse measure
+                if usage.get(key) is not None:
+                    out[key] = usage[key]
             out["expert_usage"] = {m: usage[m] for m in ("image", "text")}
         return out
 
@@ -130,9 +135,10 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
 
 
 def router_label(cfg: DictConfig, model: torch.nn.Module) -> str:
-    """The run's row name: ``none (dense)``, the ``+router=`` choice, or the model's own router."""
+    """The run's row name: ``none`` (dense, the baseline row of ``core.compare``), the ``+router=`` choice,
+    or the model's own router."""
     if not is_moe(model):
-        return "none (dense)"
+        return "none"
     if cfg.get("router_name"):
         return str(cfg.router_name)
     if cfg.get("router") is None:

@@ -50,12 +50,15 @@ def test_train_limoe(tmp_path):
     assert any("aux_local_entropy_text" in h for h in history)
     assert all(0.25 <= h["text_top_expert_share"] <= 1.0 for h in history if "loss" in h)
     assert 0.25 <= m["mix_text_top_expert_share"] <= 1.0
+    # LIMoE's collapse measure: first choices of the text tokens, on both held-out sets
+    assert 0.25 <= m["val_text_top_choice_share"] <= 1.0 and 0.25 <= m["mix_text_top_choice_share"] <= 1.0
+    assert all(0.25 <= h["text_top_choice_share"] <= 1.0 for h in history if "loss" in h)
 
 
 def test_train_dense_clip(tmp_path):
     m = _run(tmp_path, ["model=clip"] + MICRO_CLIP)
     _check(m, tmp_path)
-    assert m["router"] == "none (dense)" and "val_text_top_expert_share" not in m
+    assert m["router"] == "none" and "val_text_top_expert_share" not in m
     assert not any(k.startswith("mix_") for k in m)
 
 
