@@ -100,9 +100,12 @@ def _check_patches(cfg: DictConfig) -> None:
 
 
 def router_name(cfg: DictConfig) -> str:
-    """The router's public name: the ``+router=`` choice, else the model's default; ``none`` for dense."""
+    """The router's public name: ``router_name`` when set, else the ``+router=`` choice, else the
+    model's default; ``none`` for dense."""
     if not cfg.model.moe:
         return "none"
+    if cfg.get("router_name"):
+        return str(cfg.router_name)
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
