@@ -166,9 +166,9 @@ def build_loaders(cfg: DictConfig, data: MultimodalData, routing: bool = True):
     return train_loader, eval_loaders
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train the model described by ``cfg`` (``conf/multimodal.yaml``); returns the metrics also
-    written to ``metrics.json`` (the resolved ``config.yaml`` lands in the same directory)."""
+def prepare(cfg: DictConfig) -> tuple:
+    """Read the data and build the model and the trainer of ``cfg`` (``conf/multimodal.yaml``); its
+    errors are configuration or data errors. Writes the resolved ``config.yaml`` into the run directory."""
     out_dir = _out_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
@@ -195,12 +195,24 @@ def train(cfg: DictConfig) -> dict:
     log.info("multimodal: model=%s router=%s, %.2fM parameters, %d training pairs", info["model"], label,
              sum(p.numel() for p in model.parameters()) / 1e6, len(data.train))
     trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info)
+    return trainer, model, train_loader, eval_loaders, class_tokens
+
+
+def fit(prepared: tuple) -> dict:
+    """Train a prepared run; returns the metrics also written to ``metrics.json``."""
+    trainer, model, train_loader, eval_loaders, class_tokens = prepared
     metrics = trainer.fit(model, train_loader, clip_loss, make_evaluate(class_tokens), eval_loaders=eval_loaders)
     log.info("multimodal: val i2t R@1=%.3f R@5=%.3f t2i R@1=%.3f R@5=%.3f zero-shot=%.3f text top-expert share=%s",
              metrics.get("val_i2t_r1", float("nan")), metrics.get("val_i2t_r5", float("nan")),
              metrics.get("val_t2i_r1", float("nan")), metrics.get("val_t2i_r5", float("nan")),
              metrics.get("zeroshot_acc", float("nan")), metrics.get("val_text_top_expert_share"))
     return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train the model described by ``cfg`` (``conf/multimodal.yaml``); returns the metrics also
+    written to ``metrics.json`` (the resolved ``config.yaml`` lands in the same directory)."""
+    return fit(prepare(cfg))
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -260,7 +272,7 @@ def _row(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     """Returns the validation contrastive loss. Config and data errors: one line, exit 2; a
     non-finite loss: exit 1; in a sweep, a router that cannot serve CLIP gets an n/a row."""
-    return run_main(cfg, DOMAIN, validate=validate_config, prepare=train, out_dir=_out_dir, row=_row,
+    return run_main(cfg, DOMAIN, validate=validate_config, prepare=prepare, fit=fit, out_dir=_out_dir, row=_row,
                     objective=lambda metrics: metrics.get("val_loss", float("nan")))
 
 

@@ -157,7 +157,7 @@ def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path):
     assert err.strip() == "error: non-finite loss at step 7 (epoch 0, batch 7): task loss=nan."
 
 
-@pytest.mark.parametrize("domain", ["vision", "nlp", "recsys"])
+@pytest.mark.parametrize("domain", ["vision", "nlp", "recsys", "multimodal"])
 def test_an_error_during_training_keeps_its_traceback(domain, monkeypatch, tmp_path):
     """Only preparing a run (data, model) can fail as a config error: a ValueError raised while
     training is a bug and must reach the user whole, not as a one-line exit 2."""
@@ -167,7 +167,7 @@ def test_an_error_during_training_keeps_its_traceback(domain, monkeypatch, tmp_p
         raise ValueError("an internal shape mismatch")
 
     monkeypatch.setattr(module.Trainer, "fit", broken_fit)
-    out_key = "out_dir" if domain == "recsys" else "output_dir"
+    out_key = "out_dir" if domain in ("recsys", "multimodal") else "output_dir"
     cfg = _compose(domain, "debug=default", f"{out_key}={tmp_path}")
     with pytest.raises(ValueError, match="internal shape mismatch"):
         module.main.__wrapped__(cfg)
