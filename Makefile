@@ -6,7 +6,7 @@ PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.installed
 DATA_DIR   ?= data
 
-.PHONY: setup data train test test-all bench clean
+.PHONY: setup data train test test-all bench study clean
 
 setup: $(STAMP) data
 
@@ -42,6 +42,25 @@ test-all: setup
 
 bench: setup
 	$(PY) -m core.bench
+
+# The router study in every domain, then the cross-domain table and docs/router_study.md (README).
+STUDY_DOMAINS ?= vision recsys multimodal nlp
+# Soft MoE at the expert compute of top-2: 8 experts x 12 slots = 96 slot passes for 49 patches.
+SOFT_MATCHED := +router=soft router.slots_per_expert=12 router_name=soft_12_slots \
+  hydra.sweep.dir=multirun/router_study/vision/soft_12_slots
+study: setup
+	for d in $(STUDY_DOMAINS); do \
+	  $(PY) -m $$d.train -m experiment=router_study && \
+	  $(PY) -m $$d.train -m experiment=router_study_dense || exit 1; \
+	done
+	$(PY) -m vision.train -m experiment=router_study $(SOFT_MATCHED)
+	$(PY) -m multimodal.train -m experiment=multimodal_limoe_study
+	$(PY) -m core.compare multirun/router_study --out multirun/router_study/compare --page docs/router_study.md \
+	  --title "The router study in four domains" \
+	  $(foreach d,$(STUDY_DOMAINS),--command "python -m $(d).train -m experiment=router_study" \
+	    --command "python -m $(d).train -m experiment=router_study_dense") \
+	  --command "python -m vision.train -m experiment=router_study $(SOFT_MATCHED)" \
+	  --command "python -m multimodal.train -m experiment=multimodal_limoe_study"
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
