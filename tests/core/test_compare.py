@@ -89,3 +89,23 @@ def test_tiny_real_multirun_gives_a_row_per_router(tmp_path):
     assert [r[0] for r in rows] == ["expert_choice", "topk"]
     assert all(r[1] not in ("", "n/a") and 0.0 <= float(r[1]) <= 1.0 for r in rows)  # test AUC
     assert (tmp_path / "cmp" / "compare_recsys.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("domain", ["vision", "recsys", "multimodal", "nlp"])
+def test_router_study_and_launcher_configs_compose(domain):
+    """experiment=router_study sweeps the same routers and seeds in every domain, the dense row sweeps
+    seeds only, and the launcher/sweeper configs of the README resolve to Hydra's plugins."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        study = compose(domain, overrides=["experiment=router_study", "hydra/launcher=parallel"],
+                        return_hydra_config=True)
+        dense = compose(domain, overrides=["experiment=router_study_dense", "hydra/launcher=slurm",
+                                           "hydra/sweeper=router_search"], return_hydra_config=True)
+    params = OmegaConf.to_container(study.hydra.sweeper.params)
+    assert params["+router"] == "topk,mixtral,expert_choice,soft" and "seed" in params
+    assert "+router" not in OmegaConf.to_container(dense.hydra.sweeper.params or {})
+    assert study.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert dense.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert dense.hydra.sweeper._target_.endswith("OptunaSweeper") and dense.hydra.sweeper.direction == "minimize"
