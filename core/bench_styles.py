@@ -96,6 +96,14 @@ class _StackedExperts(_Router):
     def experts(self, x_ECD: torch.Tensor) -> torch.Tensor:
         return torch.bmm(self.act(torch.bmm(x_ECD, self.w1_EDF)), self.w2_EFD)
 
+    def slots(self, x_TD: torch.Tensor):
+        """Top-k routing with capacity: ``(idx_TK, w_TK, C, pos_TK, keep_TK)``, slots claimed in token order."""
+        E = self.w1_EDF.shape[0]
+        idx_TK, w_TK = topk_renormalized(x_TD, self.gate_ED, self.k)
+        C = capacity(x_TD.shape[0], E, self.k, self.capacity_factor)
+        pos_TK = slot_positions(idx_TK, E)
+        return idx_TK, w_TK, C, pos_TK, pos_TK < C
+
 
 class CapacityBmmMoE(_StackedExperts):
     """Tutel style: index-copy into a padded E×C×D buffer, batched matmuls, weighted gather back."""
@@ -103,10 +111,7 @@ class CapacityBmmMoE(_StackedExperts):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         T, D = x_TD.shape
         E = self.w1_EDF.shape[0]
-        idx_TK, w_TK = topk_renormalized(x_TD, self.gate_ED, self.k)
-        C = capacity(T, E, self.k, self.capacity_factor)
-        pos_TK = slot_positions(idx_TK, E)
-        keep_TK = pos_TK < C
+        idx_TK, w_TK, C, pos_TK, keep_TK = self.slots(x_TD)
         slot_N = (idx_TK * C + pos_TK)[keep_TK]
         tok_N = torch.arange(T, device=x_TD.device)[:, None].expand_as(idx_TK)[keep_TK]
         buf_ECD = x_TD.new_zeros(E * C, D).index_add(0, slot_N, x_TD.index_select(0, tok_N)).view(E, C, D)
@@ -120,10 +125,7 @@ class EinsumMoE(_StackedExperts):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         T, D = x_TD.shape
         E = self.w1_EDF.shape[0]
-        idx_TK, w_TK = topk_renormalized(x_TD, self.gate_ED, self.k)
-        C = capacity(T, E, self.k, self.capacity_factor)
-        pos_TK = slot_positions(idx_TK, E)
-        keep_TK = pos_TK < C
+        idx_TK, w_TK, C, pos_TK, keep_TK = self.slots(x_TD)
         tok_TK = torch.arange(T, device=x_TD.device)[:, None].expand_as(idx_TK)
         combine_TEC = x_TD.new_zeros(T, E, C).index_put(
             (tok_TK[keep_TK], idx_TK[keep_TK], pos_TK[keep_TK]), w_TK[keep_TK])
