@@ -57,3 +57,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def kill_at_first_checkpoint(cmd: list[str], run_dir: Path, env: dict, timeout_s: float = 240) -> Path:
+    """Start the training command ``cmd`` (writing to ``run_dir``) as a real process and SIGKILL it as
+    soon as its first checkpoint exists; returns that checkpoint's path. Fails when the run ended by
+    itself first or got as far as writing its metrics."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=CONF_DIR.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + timeout_s
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "metrics.json").exists()
+    return ckpt

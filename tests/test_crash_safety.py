@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -32,7 +30,7 @@ from torch import nn
 import core.engine as engine
 from core.engine import NonFiniteLossError, find_checkpoint, load_checkpoint, save_checkpoint
 from core.routers.deepseek import DeepSeekRouter
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, kill_at_first_checkpoint
 from tests.core.test_engine import FINAL, TinyMoENet, fit, loss_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,16 +247,9 @@ def test_killed_nlp_run_resumes_to_the_uninterrupted_result(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "nlp.train", *NLP_ARGS, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = kill_at_first_checkpoint(cmd, run_dir, env, timeout_s=120)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("nlp", overrides=[*NLP_ARGS, f"output_dir={tmp_path / 'ref'}"])
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (run_dir / "metrics.json").exists()
     step = load_checkpoint(ckpt)["state"]["step"] if ckpt.exists() else None
     assert step is not None and 10 <= step < 60
 

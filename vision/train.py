@@ -22,7 +22,7 @@ from core.engine import Trainer, TrainerConfig, seed_everything
 from core.experts import IMPLS
 from core.surgery import PLACEMENTS
 from core.runs import run_dir
-from core.validate import ConfigError, check_readable_dir, check_router, check_trainer
+from core.validate import ConfigError, check_int, check_readable_dir, check_router, check_trainer
 from vision.data import AUGMENTATIONS, DATASETS, build_loaders, load_dataset
 
 log = logging.getLogger(__name__)
@@ -32,47 +32,38 @@ log = logging.getLogger(__name__)
 NATIVE_IMG_SIZE = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
 
 
-def _fail(key: str, value, allowed: str) -> None:
-    raise ConfigError(key, value, allowed)
-
-
-def _positive_int_or_none(key: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        _fail(key, value, "it must be a positive integer or null")
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Check the config before any data is read or model built; raises ``ValueError`` naming the
     key, its value and what is allowed."""
     names = timm.list_models("vmoe_*")
     m, d = cfg.model, cfg.data
     if m.name not in names:
-        _fail("model.name", m.name, f"use one of {names}")
+        raise ConfigError("model.name", m.name, f"use one of {names}")
     if not isinstance(m.moe, bool):
-        _fail("model.moe", m.moe, "true or false")
-    _positive_int_or_none("model.num_experts", m.num_experts)
+        raise ConfigError("model.moe", m.moe, "true or false")
+    check_int("model.num_experts", m.num_experts, optional=True)
     placement = m.placement
     if isinstance(placement, str):
         if placement not in PLACEMENTS:
-            _fail("model.placement", placement, f"use one of {list(PLACEMENTS)} or a list of block indices")
+            raise ConfigError("model.placement", placement, f"use one of {list(PLACEMENTS)} or a list of block indices")
     elif not OmegaConf.is_list(placement):
-        _fail("model.placement", placement, f"use one of {list(PLACEMENTS)} or a list of block indices")
-    _positive_int_or_none("model.group_size", m.group_size)
+        raise ConfigError("model.placement", placement, f"use one of {list(PLACEMENTS)} or a list of block indices")
+    check_int("model.group_size", m.group_size, optional=True)
     if m.expert_impl not in IMPLS:
-        _fail("model.expert_impl", m.expert_impl, f"use one of {', '.join(IMPLS)}")
+        raise ConfigError("model.expert_impl", m.expert_impl, f"use one of {', '.join(IMPLS)}")
     router = m.router
     if router is not None and (not OmegaConf.is_dict(router) or "_target_" not in router):
-        _fail("router", router, "a conf/router/<name>.yaml choice, e.g. +router=topk")
+        raise ConfigError("router", router, "a conf/router/<name>.yaml choice, e.g. +router=topk")
     if d.name not in DATASETS:
-        _fail("data.name", d.name, f"use one of {list(DATASETS)}")
+        raise ConfigError("data.name", d.name, f"use one of {list(DATASETS)}")
     if d.augment not in AUGMENTATIONS:
-        _fail("data.augment", d.augment, f"use one of {list(AUGMENTATIONS)}")
-    for key in ("batch_size", "eval_batch_size", "limit_train", "limit_eval"):
-        _positive_int_or_none(f"data.{key}", d.get(key))
-    if d.batch_size is None:
-        _fail("data.batch_size", None, "it must be a positive integer")
+        raise ConfigError("data.augment", d.augment, f"use one of {list(AUGMENTATIONS)}")
+    if isinstance(d.batch_size, bool) or not isinstance(d.batch_size, int) or d.batch_size < 1:
+        raise ConfigError("data.batch_size", d.batch_size, "it must be a positive integer")
+    for key in ("eval_batch_size", "limit_train", "limit_eval"):
+        check_int(f"data.{key}", d.get(key), optional=True)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        _fail("seed", cfg.seed, "it must be an integer")
+        raise ConfigError("seed", cfg.seed, "it must be an integer")
     if d.name == "imagefolder":
         check_readable_dir("data.root", d.root, ": the image folder with train/ and val/ class subfolders")
     _check_patches(cfg)
@@ -95,7 +86,7 @@ def _check_patches(cfg: DictConfig) -> None:
     key = "model.timm_kwargs.patch_size" if kwargs.get("patch_size") else "model.name"
     if isinstance(size, int) and isinstance(patch, int) and (patch < 1 or size % patch):
         value = patch if key.endswith("patch_size") else m.name
-        _fail(key, value, f"the patch size {patch} must divide the image size {size} of data.name={d.name} "
+        raise ConfigError(key, value, f"the patch size {patch} must divide the image size {size} of data.name={d.name} "
                           "(set model.timm_kwargs.patch_size to a divisor, or data.img_size for imagefolder)")
 
 

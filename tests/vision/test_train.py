@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from vision.train import build_model, router_name, summary, train, validate_config
+from tests.conftest import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,16 +103,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     ref = _cli(*args, f"hydra.run.dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-2000:]
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "vision.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (run_dir / "metrics.json").exists()
+    kill_at_first_checkpoint([sys.executable, "-m", "vision.train", *args, f"hydra.run.dir={run_dir}"], run_dir,
+                             dict(os.environ, OMP_NUM_THREADS="1"))
     res = _cli(*args, "trainer.resume=true", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in (run_dir / "train.log").read_text()
