@@ -7,7 +7,10 @@ Three tables (DESIGN.md §3):
    with the other layout of its expert function (``ours_grouped`` on CPU), and against the other
    implementation styles of ``core.bench_styles`` (per-expert loop, capacity buffer + bmm, one-hot
    einsum), forward (``inference_mode``) and forward+backward (a contiguous upstream gradient),
-   for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 at T=4096, D=512.
+   for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 at T=4096, D=512. ``experts_only`` is
+   a bound rather than a layer (``ExpertsCeiling``): each expert's FFN on its own contiguous rows,
+   as many as our router gives it, with nothing else: the layer's time if routing and data
+   movement were free.
 2. ``routers``: every ``conf/router/*.yaml`` router's forward time at T=4096 (one group), D=512,
    E=32 relative to ``topk``, and as a share of the MoE layer's forward time with that router;
    shares above 25% are flagged.
@@ -47,7 +50,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from core.bench_styles import CapacityBmmMoE, DenseFFN, EinsumMoE, LoopMoE
+from core.bench_styles import CapacityBmmMoE, DenseFFN, EinsumMoE, ExpertsCeiling, LoopMoE
 from core.moe import MoE
 from core.routers.topk import TopKRouter
 
@@ -151,6 +154,21 @@ def build_engines(D: int, E: int, K: int, F: int, capacity_factor: float, styles
     return engines
 
 
+def _ceiling_fns(ceiling: ExpertsCeiling, device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Forward and forward+backward of the experts-only bound."""
+    def fwd():
+        with torch.inference_mode(), _autocast(device):
+            ceiling()
+
+    def train():
+        with _autocast(device):
+            outs = ceiling()
+        torch.autograd.backward(outs, [g.to(y.dtype) for g, y in zip(ceiling.grads, outs)])
+        for t in (*ceiling.parameters(), *ceiling.inputs):
+            t.grad = None
+    return fwd, train
+
+
 def layer_table(args, device: torch.device) -> list[dict]:
     T, D = (512, 128) if args.quick else (args.tokens, args.dim)
     records = []
@@ -162,11 +180,16 @@ def layer_table(args, device: torch.device) -> list[dict]:
         x = torch.randn(T, D, device=device)
         x_req = x.clone().requires_grad_(True)
         grad = torch.randn(T, D, device=device)
+        with torch.no_grad():  # the bound gets the row counts our router gives this x
+            counts = engines["ours"].router(x[None]).tokens_per_expert().tolist()
+        ceiling = ExpertsCeiling(D, F, counts, device=device)
+        ceiling_fns = _ceiling_fns(ceiling, device)
         for pass_name in ("fwd", "fwd+bwd"):
             for m in engines.values():
                 m.train(pass_name == "fwd+bwd")
             fns = {n: (_forward_fn(m, x, device) if pass_name == "fwd" else _train_fn(m, x_req, grad, device))
                    for n, m in engines.items()}
+            fns["experts_only"] = ceiling_fns[pass_name == "fwd+bwd"]
             times = time_interleaved(fns, args.rounds, args.warmups, device, args.style_budget_s, args.clock_fn)
             t_dense = min(times["dense"])
             for name, ts in times.items():
@@ -174,7 +197,7 @@ def layer_table(args, device: torch.device) -> list[dict]:
                                 "pass": pass_name, "tokens_per_s": T / min(ts),
                                 "ratio_to_dense": t_dense / min(ts), **_summary(ts)})
             _print_partial(records[-len(times):])
-        del engines
+        del engines, ceiling, ceiling_fns
     return records
 
 

@@ -132,3 +132,26 @@ class EinsumMoE(_StackedExperts):
         dispatch_TEC = (combine_TEC > 0).to(x_TD.dtype)
         x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
         return torch.einsum("tec,ecd->td", combine_TEC, self.experts(x_ECD))
+
+
+class ExpertsCeiling(nn.Module):
+    """Not a layer but a bound: E separate FFNs of width F, expert e on its own contiguous input of
+    ``counts[e]`` rows (the counts of a real routing, so the same uneven GEMM shapes), with no
+    router, gather, gating or scatter. Its time is the per-expert GEMMs and activations alone, what
+    a layer that runs one GEMM per expert and projection would take if routing and data movement
+    were free; a layer's time over it is what those cost. (At tiny widths, where per-call overhead
+    dominates, a batched style can beat it.)
+
+    ``forward()`` takes no input and returns the E outputs; ``grads`` are matching upstream
+    gradients for a forward+backward pass (the inputs require grad, so the backward computes the
+    input gradients as a layer's does)."""
+
+    def __init__(self, dim: int, hidden: int, counts: list[int], device: torch.device | str = "cpu"):
+        super().__init__()
+        counts = [int(m) for m in counts if m > 0]
+        self.experts = nn.ModuleList(DenseFFN(dim, hidden) for _ in counts)
+        self.inputs = [torch.randn(m, dim, device=device, requires_grad=True) for m in counts]
+        self.grads = [torch.randn(m, dim, device=device) for m in counts]
+
+    def forward(self) -> list[torch.Tensor]:
+        return [ffn(x_MD) for ffn, x_MD in zip(self.experts, self.inputs)]

@@ -203,7 +203,7 @@ def test_bench_quick_smoke(tmp_path):
     assert data["environment"]["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None
     layer = [r for r in data["records"] if r["table"] == "layer"]
     engines = {r["engine"] for r in layer}
-    assert {"dense", "ours", "loop", "capacity_bmm", "einsum"} <= engines
+    assert {"dense", "ours", "loop", "capacity_bmm", "einsum", "experts_only"} <= engines
     assert {(r["E"], r["K"]) for r in layer} == {(8, 2), (32, 8), (64, 8)}
     assert {r["pass"] for r in layer} == {"fwd", "fwd+bwd"}
     for r in layer:
