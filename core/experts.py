@@ -7,8 +7,9 @@ assignments with one autograd function whose backward is written out by hand, in
   cut into blocks of at most R rows); each block is gathered into a reused buffer, multiplied,
   activated, multiplied again, scaled by its combine gates and added back to its tokens before
   the next block starts. The T·K×D gathered inputs and T·K×O expert outputs never exist as whole
-  tensors, only the T·K×F hidden activations the backward needs (as much as the dense FFN of the
-  same activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
+  tensors, only the T·K×F hidden pre-activations the backward needs (the activations are
+  recomputed from them block by block, so the layer keeps half of what the dense FFN of the same
+  activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
   the layer insensitive to the allocator: with glibc's default malloc every fresh N-sized buffer
   page-faults (systems.md §3), which costs the other layouts up to a third of their speed. It is
   the CPU counterpart of fusing the gather and scatter into the GEMMs (ScatterMoE, Tan et al. 2024).
@@ -184,10 +185,11 @@ def _routed_inference(x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _Ac
 class _RoutedExperts(torch.autograd.Function):
     """``out[t] = Σ_{n: token_n = t} w_n · FFN_{e_n}(x[t])`` block by block, with its backward.
 
-    Saved for backward: x itself and the hidden pre-activations and activations (N×F; GLU adds the
-    gate), never the gathered inputs or the expert outputs: the backward gathers each block of x
-    and of the output gradient again (with per-expert blocks a cache-resident copy instead of a
-    trip through main memory). The combine gate is applied to the block output in place, and its
+    Saved for backward: x itself and the hidden pre-activations (N×F; GLU adds the gate; the
+    grouped layout also keeps the activations), never the gathered inputs or the expert outputs:
+    the backward gathers each block of x and of the output gradient again and recomputes the
+    block's activations from its pre-activations (with per-expert blocks cache-resident copies
+    instead of trips through main memory). The combine gate is applied to the block output in place, and its
     gradient is ``<dL/da, a>`` over the F hidden units (``+ <g, b2>``), so no N×O tensor is kept.
     """
 
@@ -196,11 +198,11 @@ class _RoutedExperts(torch.autograd.Function):
         N, R = plan.token_N.shape[0], plan.block_rows
         D, F, O = x_TD.shape[1], w1.shape[2], w2.shape[2]
         per_expert = plan.offs_E is None
-        a_NF = x_TD.new_empty(N, F)
+        a_NF = None if per_expert else x_TD.new_empty(N, F)  # per-expert blocks recompute a in the backward
         h_NF = x_TD.new_empty(N, F) if per_expert else None
         g_NF = x_TD.new_empty(N, F) if (per_expert and w3 is not None) else None
         out_TO = x_TD.new_zeros(plan.num_tokens, O)
-        buf_x, buf_y = (x_TD.new_empty(R, D), x_TD.new_empty(R, O)) if per_expert else (None, None)
+        buf_x, buf_a, buf_y = (x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert else (None,) * 3
         w_N1 = weight_N[:, None]
         for e, s, m in plan.blocks:
             tok = plan.token_N[s:s + m]
@@ -208,7 +210,7 @@ class _RoutedExperts(torch.autograd.Function):
             h_c = _lin(x_c, w1, b1, e, plan, h_NF[s:s + m] if per_expert else None)
             if not per_expert:
                 h_NF = h_c
-            a_c = kern.fwd(h_c, a_NF[s:s + m])
+            a_c = kern.fwd(h_c, _buffer(buf_a, e, m) if per_expert else a_NF)
             if w3 is not None:
                 gate_c = _lin(x_c, w3, None, e, plan, g_NF[s:s + m] if per_expert else None)
                 if not per_expert:
@@ -243,13 +245,21 @@ class _RoutedExperts(torch.autograd.Function):
                 d[plan.empty] = 0
         buf = (lambda *shape: x_TD.new_empty(*shape)) if per_expert else (lambda *shape: None)
         buf_g, buf_da, buf_dh, buf_x, buf_dx = buf(R, O), buf(R, F), buf(R, F), buf(R, D), buf(R, D)
-        buf_act = buf(R, F) if w3 is not None else None
+        buf_act, buf_a = (buf(R, F) if w3 is not None else None), buf(R, F)
         w_N1 = weight_N[:, None]
         last_e = None
         for e, s, m in plan.blocks:
             first, last_e = e != last_e, e
-            tok, w_c = plan.token_N[s:s + m], w_N1[s:s + m]
-            a_c, h_c = a_NF[s:s + m], h_NF[s:s + m]
+            tok, w_c, h_c = plan.token_N[s:s + m], w_N1[s:s + m], h_NF[s:s + m]
+            act_c = None
+            if per_expert:  # a recomputed from h: a cache-resident block instead of an N×F trip through memory
+                if w3 is None:
+                    a_c = kern.fwd(h_c, _buffer(buf_a, e, m))
+                else:
+                    act_c = kern.fwd(h_c, _buffer(buf_act, e, m))
+                    a_c = torch.mul(act_c, g_NF[s:s + m], out=_buffer(buf_a, e, m))
+            else:
+                a_c = a_NF
             g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
             da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
             if need_w:
@@ -264,7 +274,7 @@ class _RoutedExperts(torch.autograd.Function):
             da_c.mul_(w_c)
             dgate_c = None
             if w3 is not None:
-                dgate_c = kern.fwd(h_c, _buffer(buf_act, e, m) if per_expert else torch.empty_like(h_c)).mul_(da_c)
+                dgate_c = (act_c if act_c is not None else kern.fwd(h_c, torch.empty_like(h_c))).mul_(da_c)
                 da_c.mul_(g_NF[s:s + m])
             dh_c = kern.bwd(da_c, h_c, _buffer(buf_dh, e, m) if per_expert else da_c)
             if need_b1:

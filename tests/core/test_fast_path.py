@@ -197,7 +197,8 @@ def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "core.bench", "--quick", "--tables", "layer,routers,e2e",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--malloc", "tuned", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["environment"]["allocator"]["MALLOC_MMAP_THRESHOLD_"] is not None
