@@ -165,6 +165,40 @@ def test_cpu_autocast_runs_the_experts_in_bf16():
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
 
 
+def _saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``module(x)``, parameters excluded (storages counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
+def test_chunked_engine_keeps_only_the_pre_activations(glu):
+    """The chunked backward recomputes the activations: besides x and O(N) routing vectors it keeps
+    the N×F pre-activations (and the GLU gate), about half of what the dense FFN of the same activated
+    FLOPs keeps (its hidden pre-activations and activations)."""
+    Tn, Dn, Fn, En, K = 256, 32, 64, 8, 2
+    layer = MoE(Dn, Fn, bias=False, num_experts=En, glu=glu, act_layer=nn.SiLU if glu else nn.GELU,
+                expert_impl="chunked", router=functools.partial(
+                    TopKRouter, top_k=K, capacity_factor=None, noise_std=0.0, renormalize=True)).train()
+    x = torch.randn(Tn, Dn, requires_grad=True)
+    N = Tn * K
+    hidden = (2 if glu else 1) * N * Fn * 4
+    routing_slack = N * 64 + Tn * En * 16  # indices, gates, logits: O(N) and O(T·E), not O(N·F)
+    assert _saved_activation_bytes(layer, x) <= x.numel() * 4 + hidden + routing_slack
+    dense = nn.Sequential(nn.Linear(Dn, K * Fn, bias=False), nn.GELU(), nn.Linear(K * Fn, Dn, bias=False))
+    if not glu:
+        assert _saved_activation_bytes(layer, x) < 0.75 * _saved_activation_bytes(dense, x)
+
+
 # ---- the benchmark's reference styles compute our layer's function -----------------------------
 
 def test_bench_styles_compute_the_same_layer():
