@@ -158,6 +158,22 @@ def build_engines(D: int, E: int, K: int, F: int, capacity_factor: float, styles
     return engines
 
 
+def saved_activation_bytes(module: nn.Module, *inputs) -> int:
+    """Bytes autograd keeps for the backward of ``module(*inputs)``, parameters excluded (each
+    storage counted once): the activation memory a training step holds per layer."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(saved.values())
+
+
 def _ceiling_fns(ceiling: ExpertsCeiling, device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
     """Forward and forward+backward of the experts-only bound."""
     def fwd():
@@ -196,10 +212,14 @@ def layer_table(args, device: torch.device) -> list[dict]:
             fns["experts_only"] = ceiling_fns[pass_name == "fwd+bwd"]
             times = time_interleaved(fns, args.rounds, args.warmups, device, args.style_budget_s, args.clock_fn)
             t_dense = min(times["dense"])
+            saved = {}
+            if pass_name == "fwd+bwd":
+                saved = {n: saved_activation_bytes(m, x_req) / 2**20 for n, m in engines.items()}
             for name, ts in times.items():
                 records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
                                 "pass": pass_name, "tokens_per_s": T / min(ts),
-                                "ratio_to_dense": t_dense / min(ts), **_summary(ts)})
+                                "ratio_to_dense": t_dense / min(ts), **_summary(ts),
+                                **({"saved_for_backward_mb": saved[name]} if name in saved else {})})
             _print_partial(records[-len(times):])
         del engines, ceiling, ceiling_fns
     return records
@@ -347,6 +367,11 @@ def format_tables(records: list[dict]) -> str:
             cells = [f"{row[e]['tokens_per_s']:>11.0f} ({row[e]['ratio_to_dense']:.2f})" if e in row else f"{'-':>20}"
                      for e in _engines(layer)]
             lines.append(f"{key[0]:>3} {key[1]:>2} {key[2]:>5} {key[3]:<8} " + " ".join(f"{c:>20}" for c in cells))
+        saved = [r for r in layer if "saved_for_backward_mb" in r]
+        if saved:
+            lines.append("Saved for backward, MB (parameters excluded): " + "; ".join(
+                f"E={E} " + " ".join(f"{r['engine']} {r['saved_for_backward_mb']:.1f}" for r in saved if r["E"] == E)
+                for E in dict.fromkeys(r["E"] for r in saved)))
         lines.append("Median ms: " + "; ".join(
             f"E={r['E']} {r['pass']} {r['engine']} {r['median_ms']:.1f}" for r in layer if r["engine"] == "ours"))
     routers = [r for r in records if r["table"] == "routers"]

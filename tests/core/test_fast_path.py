@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.bench import saved_activation_bytes
 from core.bench_styles import CapacityBmmMoE, EinsumMoE, LoopMoE
 from core.experts import Experts
 from core.moe import MoE
@@ -165,21 +166,6 @@ def test_cpu_autocast_runs_the_experts_in_bf16():
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
 
 
-def _saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward of ``module(x)``, parameters excluded (storages counted once)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
 def test_chunked_engine_keeps_only_the_pre_activations(glu):
     """The chunked backward recomputes the activations: besides x and O(N) routing vectors it keeps
@@ -193,10 +179,10 @@ def test_chunked_engine_keeps_only_the_pre_activations(glu):
     N = Tn * K
     hidden = (2 if glu else 1) * N * Fn * 4
     routing_slack = N * 64 + Tn * En * 16  # indices, gates, logits: O(N) and O(T·E), not O(N·F)
-    assert _saved_activation_bytes(layer, x) <= x.numel() * 4 + hidden + routing_slack
+    assert saved_activation_bytes(layer, x) <= x.numel() * 4 + hidden + routing_slack
     dense = nn.Sequential(nn.Linear(Dn, K * Fn, bias=False), nn.GELU(), nn.Linear(K * Fn, Dn, bias=False))
     if not glu:
-        assert _saved_activation_bytes(layer, x) < 0.75 * _saved_activation_bytes(dense, x)
+        assert saved_activation_bytes(layer, x) < 0.75 * saved_activation_bytes(dense, x)
 
 
 # ---- the benchmark's reference styles compute our layer's function -----------------------------
@@ -244,6 +230,8 @@ def test_bench_quick_smoke(tmp_path):
     for r in layer:
         assert r["tokens_per_s"] > 0 and r["min_ms"] <= r["median_ms"]
         assert r["engine"] != "dense" or r["ratio_to_dense"] == 1.0
+        if r["engine"] != "experts_only":
+            assert (r["pass"] == "fwd+bwd") == ("saved_for_backward_mb" in r)
     routers = [r for r in data["records"] if r["table"] == "routers"]
     names = {p.stem for p in (ROOT / "conf" / "router").glob("*.yaml")}
     assert {r["router"] for r in routers} == names
