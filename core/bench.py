@@ -399,6 +399,25 @@ def _engines(layer: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["engine"] for r in layer))
 
 
+def busy_cores(interval_s: float = 0.5) -> float | None:
+    """Cores kept busy by other processes right now (this one sleeps while it samples): the
+    non-idle share of all CPU time in /proc/stat over ``interval_s``, times the core count. Unlike
+    the load average it does not remember a run that has just ended. None off Linux."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return 0.0
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def environment(args, device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -409,6 +428,7 @@ def environment(args, device: torch.device) -> dict:
         "allocator": {k: os.environ.get(k) for k in (*MALLOC_ENV, "LD_PRELOAD")},
         "openmp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "busy_cores_at_start": busy_cores(),
         "quick": args.quick, "rounds": args.rounds, "warmups": args.warmups, "clock": args.clock,
     }
 
@@ -472,10 +492,10 @@ def main(argv=None) -> list[dict]:
     env = environment(args, device)
     print(f"core.bench on {env['device']} ({env['dtype']}), torch {env['torch']}, {env['threads']} threads, "
           f"{args.clock} clock, allocator {env['allocator']}", flush=True)
-    load = env["load_average"]
-    if device.type == "cpu" and args.clock == "wall" and load and load[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load[0]:.1f} on {os.cpu_count()} cores: other processes share the CPU, "
-              "so wall-clock ratios are unreliable (try --threads 1 --clock cpu)", flush=True)
+    busy = env["busy_cores_at_start"]
+    if device.type == "cpu" and args.clock == "wall" and busy is not None and busy > 0.5:
+        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy, so wall-clock ratios "
+              "are unreliable (try --threads 1 --clock cpu)", flush=True)
     records: list[dict] = []
     builders = {"layer": layer_table, "routers": routers_table, "e2e": e2e_table}
     for table in args.tables:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,18 @@ def test_bench_quick_smoke(tmp_path):
     e2e = [r for r in data["records"] if r["table"] == "e2e"]
     assert {r["engine"] for r in e2e} == {"dense_vit", "vmoe"} and all(r["images_per_s"] > 0 for r in e2e)
     assert "Layer: tokens/s" in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+def test_busy_cores_sees_another_process_spinning():
+    """The bench's contention check counts a core that another process keeps busy right now."""
+    from core.bench import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.7 <= busy <= (os.cpu_count() or 1) + 0.01
