@@ -8,8 +8,8 @@ assignments with one autograd function whose backward is written out by hand, in
   activated, multiplied again, scaled by its combine gates and added back to its tokens before
   the next block starts. The T·K×D gathered inputs and T·K×O expert outputs never exist as whole
   tensors, only the T·K×F hidden pre-activations the backward needs (the activations are
-  recomputed from them block by block, so the layer keeps half of what the dense FFN of the same
-  activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
+  recomputed from them block by block: for the MLP form about half of what the dense FFN of the
+  same activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
   the layer insensitive to the allocator: with glibc's default malloc every fresh N-sized buffer
   page-faults (systems.md §3), which costs the other layouts up to a third of their speed. It is
   the CPU counterpart of fusing the gather and scatter into the GEMMs (ScatterMoE, Tan et al. 2024).
@@ -188,9 +188,10 @@ class _RoutedExperts(torch.autograd.Function):
     Saved for backward: x itself and the hidden pre-activations (N×F; GLU adds the gate; the
     grouped layout also keeps the activations), never the gathered inputs or the expert outputs:
     the backward gathers each block of x and of the output gradient again and recomputes the
-    block's activations from its pre-activations (with per-expert blocks cache-resident copies
-    instead of trips through main memory). The combine gate is applied to the block output in place, and its
-    gradient is ``<dL/da, a>`` over the F hidden units (``+ <g, b2>``), so no N×O tensor is kept.
+    block's activations from its pre-activations (with per-expert blocks, cache-resident copies
+    instead of trips through main memory). The combine gate is applied to the block output in
+    place, and its gradient is ``<dL/da, a>`` over the F hidden units (``+ <g, b2>``), so no N×O
+    tensor is kept.
     """
 
     @staticmethod
@@ -202,7 +203,8 @@ class _RoutedExperts(torch.autograd.Function):
         h_NF = x_TD.new_empty(N, F) if per_expert else None
         g_NF = x_TD.new_empty(N, F) if (per_expert and w3 is not None) else None
         out_TO = x_TD.new_zeros(plan.num_tokens, O)
-        buf_x, buf_a, buf_y = (x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert else (None,) * 3
+        buf_x, buf_a, buf_y = ((x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert
+                               else (None,) * 3)
         w_N1 = weight_N[:, None]
         for e, s, m in plan.blocks:
             tok = plan.token_N[s:s + m]
@@ -252,7 +254,7 @@ class _RoutedExperts(torch.autograd.Function):
             first, last_e = e != last_e, e
             tok, w_c, h_c = plan.token_N[s:s + m], w_N1[s:s + m], h_NF[s:s + m]
             act_c = None
-            if per_expert:  # a recomputed from h: a cache-resident block instead of an N×F trip through memory
+            if per_expert:  # a recomputed from h: a cache-resident block, no N×F trip through memory
                 if w3 is None:
                     a_c = kern.fwd(h_c, _buffer(buf_a, e, m))
                 else:
