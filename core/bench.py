@@ -214,7 +214,8 @@ def layer_table(args, device: torch.device) -> list[dict]:
             t_dense = min(times["dense"])
             saved = {}
             if pass_name == "fwd+bwd":
-                saved = {n: saved_activation_bytes(m, x_req) / 2**20 for n, m in engines.items()}
+                with _autocast(device):
+                    saved = {n: saved_activation_bytes(m, x_req) / 2**20 for n, m in engines.items()}
             for name, ts in times.items():
                 records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
                                 "pass": pass_name, "tokens_per_s": T / min(ts),
