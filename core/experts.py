@@ -253,15 +253,13 @@ class _RoutedExperts(torch.autograd.Function):
         for e, s, m in plan.blocks:
             first, last_e = e != last_e, e
             tok, w_c, h_c = plan.token_N[s:s + m], w_N1[s:s + m], h_NF[s:s + m]
-            act_c = None
+            act_c, a_c = None, a_NF
             if per_expert:  # a recomputed from h: a cache-resident block, no N×F trip through memory
-                if w3 is None:
-                    a_c = kern.fwd(h_c, _buffer(buf_a, e, m))
-                else:
+                if w3 is not None:
                     act_c = kern.fwd(h_c, _buffer(buf_act, e, m))
-                    a_c = torch.mul(act_c, g_NF[s:s + m], out=_buffer(buf_a, e, m))
-            else:
-                a_c = a_NF
+                if need_w or need_w2:  # a enters only the gate and W2 gradients
+                    a_c = (kern.fwd(h_c, _buffer(buf_a, e, m)) if w3 is None
+                           else torch.mul(act_c, g_NF[s:s + m], out=_buffer(buf_a, e, m)))
             g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
             da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
             if need_w:

@@ -100,6 +100,32 @@ def test_forward_routed_matches_per_assignment_reference(form, pattern, impl, bl
         torch.testing.assert_close(fast_grads[name], ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("impl", ["chunked", "grouped"])
+@pytest.mark.parametrize("learned_gates", [False, True], ids=["fixed-gates", "learned-gates"])
+def test_forward_routed_with_frozen_output_projection(form, impl, learned_gates):
+    """W2 frozen, gates constant or learned: the backward skips what only the gate and W2 gradients
+    use when neither is needed, and what it returns still matches the reference."""
+    experts = Experts(E, D, F, impl=impl, **form)
+    experts.w2_EFO.requires_grad_(False)
+    token_N, expert_N, weight_N = _assignments("random")
+    x = torch.randn(T, D)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w1, w2 = weight_N.clone().requires_grad_(learned_gates), weight_N.clone().requires_grad_(learned_gates)
+    g = torch.randn(T, D)
+    (experts.forward_routed(x1, token_N, expert_N, w1) * g).sum().backward()
+    fast = {n: p.grad.clone() for n, p in experts.named_parameters() if p.requires_grad}
+    experts.zero_grad(set_to_none=True)
+    (per_assignment_reference(experts, x2, token_N, expert_N, w2) * g).sum().backward()
+    assert experts.w2_EFO.grad is None
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    if learned_gates:
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    for name, p in experts.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_empty_experts_get_zero_weight_gradients():
     experts = Experts(E, D, F, impl="chunked", block_rows=4)
     token_N, expert_N, weight_N = _assignments("uneven")
