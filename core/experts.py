@@ -9,7 +9,8 @@ assignments with one autograd function whose backward is written out by hand, in
   the next block starts. The T·K×D gathered inputs and T·K×O expert outputs never exist as whole
   tensors, only the T·K×F hidden pre-activations the backward needs (the activations are
   recomputed from them block by block: for the MLP form about half of what the dense FFN of the
-  same activated FLOPs keeps); inference allocates nothing of size N at all. On CPU this makes
+  same activated FLOPs keeps), in buffers reused from step to step once their backward has
+  released them (``Workspace``); inference allocates nothing of size N at all. On CPU this makes
   the layer insensitive to the allocator: with glibc's default malloc every fresh N-sized buffer
   page-faults (systems.md §3), which costs the other layouts up to a third of their speed. It is
   the CPU counterpart of fusing the gather and scatter into the GEMMs (ScatterMoE, Tan et al. 2024).
@@ -161,6 +162,66 @@ def _buffer(buf: torch.Tensor | None, e: int, m: int) -> torch.Tensor | None:
     return None if (e < 0 or buf is None) else buf[:m]
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class Workspace:
+    """Reused memory for the N×F pre-activations (and GLU gates) that the chunked backward keeps.
+
+    glibc maps every fresh buffer over 32 MiB anew and page-faults it on first touch (systems.md §3:
+    about 7 ms for 32 MiB on the 2-core reference machine), once per training step for these
+    tensors at benchmark sizes. A pooled buffer is handed out again only once nothing but the pool
+    holds its storage: the autograd graph that saved it has released it (after its backward, or
+    when the graph was dropped); a graph kept with ``retain_graph=True`` keeps its buffer. Up to
+    ``max_buffers`` are pooled (one per forward still awaiting its backward, as in gradient
+    accumulation); a free buffer of the wrong size is replaced, and past the limit buffers are plain
+    allocations. Needs ``torch._C._storage_Use_Count`` (else it never pools); ``deepcopy`` and
+    pickling give an empty workspace.
+    """
+
+    def __init__(self, max_buffers: int = 4):
+        self.max_buffers = max_buffers
+        self.buffers: list[torch.Tensor] = []
+        self._free_count = None  # use count of a storage only the pool holds (its tensor + a temporary storage object)
+        if _storage_use_count is not None:
+            probe = torch.empty(1)
+            storage = probe.untyped_storage()
+            self._free_count = _storage_use_count(storage._cdata)
+
+    def _is_free(self, buf: torch.Tensor) -> bool:
+        storage = buf.untyped_storage()
+        return _storage_use_count(storage._cdata) <= self._free_count
+
+    def empty(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised rows×cols tensor with ``like``'s dtype and device."""
+        numel = rows * cols
+        if self._free_count is None or numel == 0:
+            return like.new_empty(rows, cols)
+        free = [i for i, b in enumerate(self.buffers) if b.device == like.device and b.dtype == like.dtype
+                and self._is_free(b)]
+        for i in free:
+            if numel <= self.buffers[i].numel() <= 2 * numel:
+                return self.buffers[i][:numel].view(rows, cols)
+        buf = like.new_empty(numel + numel // 16)  # headroom for routings whose N varies a little
+        if free:
+            self.buffers[free[0]] = buf
+        elif len(self.buffers) < self.max_buffers:
+            self.buffers.append(buf)
+        return buf[:numel].view(rows, cols)
+
+    def clear(self) -> None:
+        self.buffers = []
+
+    def __deepcopy__(self, memo):
+        return Workspace(self.max_buffers)
+
+    def __getstate__(self):
+        return {"max_buffers": self.max_buffers}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_buffers"])
+
+
 def _routed_inference(x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels) -> torch.Tensor:
     """Forward without autograd: with per-expert blocks every intermediate lives in one
     block-sized buffer reused by every block."""
@@ -195,13 +256,13 @@ class _RoutedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels):
+    def forward(ctx, x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels, workspace: Workspace):
         N, R = plan.token_N.shape[0], plan.block_rows
         D, F, O = x_TD.shape[1], w1.shape[2], w2.shape[2]
         per_expert = plan.offs_E is None
         a_NF = None if per_expert else x_TD.new_empty(N, F)  # per-expert blocks recompute a in the backward
-        h_NF = x_TD.new_empty(N, F) if per_expert else None
-        g_NF = x_TD.new_empty(N, F) if (per_expert and w3 is not None) else None
+        h_NF = workspace.empty(N, F, x_TD) if per_expert else None
+        g_NF = workspace.empty(N, F, x_TD) if (per_expert and w3 is not None) else None
         out_TO = x_TD.new_zeros(plan.num_tokens, O)
         buf_x, buf_a, buf_y = ((x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert
                                else (None,) * 3)
@@ -290,7 +351,7 @@ class _RoutedExperts(torch.autograd.Function):
                 if w3 is not None:
                     dx_c.add_(_lin(dgate_c, w3.transpose(1, 2), None, e, plan)) if e < 0 else dx_c.addmm_(dgate_c, w3[e].t())
                 dx_TD.index_add_(0, tok, dx_c)
-        return dx_TD, dw_N, dw1, dw2, dw3, db1, db2, None, None
+        return dx_TD, dw_N, dw1, dw2, dw3, db1, db2, None, None, None
 
 
 def dispatch_combine(experts: nn.Module, x_TD: torch.Tensor, token_idx_N: torch.Tensor,
@@ -345,6 +406,7 @@ class Experts(nn.Module):
         self.glu, self.impl = glu, impl
         self.block_rows = block_rows or max(256, (1 << 21) // max(D, O))
         self.cpu_engine = "chunked"  # the layout impl="auto" uses on CPU
+        self.workspace = Workspace()  # the chunked backward's saved pre-activations, reused across steps
         dd = {"device": device, "dtype": dtype}
         self.w1_EDF = nn.Parameter(_uniform_(torch.empty(E, D, F, **dd), D))
         self.w2_EFO = nn.Parameter(_uniform_(torch.empty(E, F, O, **dd), F))
@@ -414,7 +476,7 @@ class Experts(nn.Module):
         kern = _act_kernels(self.act)
         with torch.autocast(x_TD.device.type, enabled=False):
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x_TD, w_N, *params]):
-                return _RoutedExperts.apply(x_TD, w_N, *params, plan, kern)
+                return _RoutedExperts.apply(x_TD, w_N, *params, plan, kern, self.workspace)
             return _routed_inference(x_TD, w_N, *params, plan, kern)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, expert_idx_N: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,6 +126,75 @@ def test_forward_routed_with_frozen_output_projection(form, impl, learned_gates)
             torch.testing.assert_close(fast[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def _chunked_step(experts, x, token_N, expert_N, weight_N, g, retain_graph=False):
+    x = x.clone().requires_grad_(True)
+    y = experts.forward_routed(x, token_N, expert_N, weight_N)
+    (y * g).sum().backward(retain_graph=retain_graph)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
+def test_workspace_reuses_the_saved_buffers_only_once_released(glu):
+    """Steps after the first reuse the pooled pre-activation buffers (no fresh N×F allocation); two
+    forwards before their backwards (gradient accumulation) and a retained graph get their own
+    buffers, and every gradient still equals the reference's."""
+    experts = Experts(E, D, F, impl="chunked", glu=glu, act_layer=nn.SiLU if glu else nn.GELU, bias=False)
+    token_N, expert_N, weight_N = _assignments("random")
+    x, g = torch.randn(T, D), torch.randn(T, D)
+    x_ref = x.clone().requires_grad_(True)
+    (per_assignment_reference(experts, x_ref, token_N, expert_N, weight_N) * g).sum().backward()
+    ref = {n: p.grad.clone() for n, p in experts.named_parameters()}
+    experts.zero_grad(set_to_none=True)
+
+    _chunked_step(experts, x, token_N, expert_N, weight_N, g)
+    pooled = [b.data_ptr() for b in experts.workspace.buffers]
+    assert len(pooled) == (2 if glu else 1)
+    experts.zero_grad(set_to_none=True)
+    _, dx = _chunked_step(experts, x, token_N, expert_N, weight_N, g)
+    assert [b.data_ptr() for b in experts.workspace.buffers] == pooled  # reused, not reallocated
+    torch.testing.assert_close(dx, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+    # two micro-batches in flight: the second forward must not overwrite the first's saved tensors
+    experts.zero_grad(set_to_none=True)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = experts.forward_routed(x1, token_N, expert_N, weight_N)
+    y2 = experts.forward_routed(x2, token_N, expert_N, weight_N)
+    assert len(experts.workspace.buffers) == (4 if glu else 2)
+    ((y1 * g).sum() + (y2 * g).sum()).backward()
+    torch.testing.assert_close(x1.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for name, p in experts.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+    # a retained graph keeps its buffers: a forward in between must not corrupt its second backward
+    x3 = x.clone().requires_grad_(True)
+    y3 = experts.forward_routed(x3, token_N, expert_N, weight_N)
+    (y3 * g).sum().backward(retain_graph=True)
+    _chunked_step(experts, torch.randn(T, D), token_N, expert_N, weight_N, torch.randn(T, D))
+    x3.grad = None
+    (y3 * g).sum().backward()
+    torch.testing.assert_close(x3.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_workspace_is_not_copied_or_pickled():
+    """``deepcopy`` (EMA copies) and pickling (``torch.save`` of a module) start from an empty pool."""
+    import copy
+    import io
+
+    experts = Experts(E, D, F, impl="chunked")
+    token_N, expert_N, weight_N = _assignments("random")
+    _chunked_step(experts, torch.randn(T, D), token_N, expert_N, weight_N, torch.randn(T, D))
+    assert experts.workspace.buffers
+    assert copy.deepcopy(experts).workspace.buffers == []
+    buf = io.BytesIO()
+    torch.save(experts, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.workspace.buffers == [] and loaded.workspace.max_buffers == experts.workspace.max_buffers
+    y = loaded.forward_routed(torch.randn(T, D, requires_grad=True), token_N, expert_N, weight_N)
+    assert len(loaded.workspace.buffers) == 1 and y.shape == (T, D)
+
+
 def test_empty_experts_get_zero_weight_gradients():
     experts = Experts(E, D, F, impl="chunked", block_rows=4)
     token_N, expert_N, weight_N = _assignments("uneven")
