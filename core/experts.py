@@ -174,9 +174,10 @@ class Workspace:
     holds its storage: the autograd graph that saved it has released it (after its backward, or
     when the graph was dropped); a graph kept with ``retain_graph=True`` keeps its buffer. Up to
     ``max_buffers`` are pooled (one per forward still awaiting its backward, as in gradient
-    accumulation); a free buffer of the wrong size is replaced, and past the limit buffers are plain
-    allocations. Needs ``torch._C._storage_Use_Count`` (else it never pools); ``deepcopy`` and
-    pickling give an empty workspace.
+    accumulation); a free buffer of the wrong size, dtype or device is replaced, and past the limit
+    buffers are plain allocations. ``clear()`` hands the memory back. Needs
+    ``torch._C._storage_Use_Count`` (else it never pools); ``deepcopy`` and pickling give an empty
+    workspace.
     """
 
     def __init__(self, max_buffers: int = 4):
@@ -197,11 +198,11 @@ class Workspace:
         numel = rows * cols
         if self._free_count is None or numel == 0:
             return like.new_empty(rows, cols)
-        free = [i for i, b in enumerate(self.buffers) if b.device == like.device and b.dtype == like.dtype
-                and self._is_free(b)]
+        free = [i for i, b in enumerate(self.buffers) if self._is_free(b)]
         for i in free:
-            if numel <= self.buffers[i].numel() <= 2 * numel:
-                return self.buffers[i][:numel].view(rows, cols)
+            buf = self.buffers[i]
+            if buf.device == like.device and buf.dtype == like.dtype and numel <= buf.numel() <= 2 * numel:
+                return buf[:numel].view(rows, cols)
         buf = like.new_empty(numel + numel // 16)  # headroom for routings whose N varies a little
         if free:
             self.buffers[free[0]] = buf

@@ -176,6 +176,24 @@ def test_workspace_reuses_the_saved_buffers_only_once_released(glu):
     torch.testing.assert_close(x3.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_workspace_replaces_a_free_buffer_of_another_dtype_or_size():
+    """A full pool follows what the layer runs now: a free buffer of another dtype or a too small
+    size is replaced instead of pinning memory that no step can use."""
+    experts = Experts(E, D, F, impl="chunked")
+    experts.workspace.max_buffers = 1
+    token_N, expert_N, weight_N = _assignments("random")
+    _chunked_step(experts, torch.randn(T, D), token_N, expert_N, weight_N, torch.randn(T, D))
+    assert [b.dtype for b in experts.workspace.buffers] == [torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts.forward_routed(torch.randn(T, D, requires_grad=True), token_N, expert_N, weight_N)
+    y.float().sum().backward()
+    assert [b.dtype for b in experts.workspace.buffers] == [torch.bfloat16]
+    del y
+    more = torch.arange(3 * T).remainder(T), torch.arange(3 * T).remainder(E), torch.rand(3 * T)
+    _chunked_step(experts, torch.randn(T, D), *more, torch.randn(T, D))
+    assert len(experts.workspace.buffers) == 1 and experts.workspace.buffers[0].numel() >= 3 * T * F
+
+
 def test_workspace_is_not_copied_or_pickled():
     """``deepcopy`` (EMA copies) and pickling (``torch.save`` of a module) start from an empty pool."""
     import copy
