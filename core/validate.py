@@ -97,11 +97,16 @@ def check_choice(key: str, value: Any, choices: Iterable) -> None:
         raise ConfigError(key, value, f"use one of {choices}")
 
 
+def _given_path(key: str, path: Any, what: str, hint: str) -> Path:
+    """The path a key names (``~`` expanded), or the error that it names none."""
+    if path is None or str(path) == "":
+        raise ConfigError(key, path, f"give {what}{hint}")
+    return Path(str(path)).expanduser()
+
+
 def check_readable_file(key: str, path: Any, hint: str = "") -> Path:
     """An existing, readable regular file."""
-    if path is None or str(path) == "":
-        raise ConfigError(key, path, f"give the path of a file{hint}")
-    p = Path(str(path)).expanduser()
+    p = _given_path(key, path, "the path of a file", hint)
     if not p.exists():
         raise ConfigError(key, str(path), f"no such file (looked at {p.resolve()}){hint}")
     if not p.is_file():
@@ -113,9 +118,7 @@ def check_readable_file(key: str, path: Any, hint: str = "") -> Path:
 
 def check_readable_dir(key: str, path: Any, hint: str = "") -> Path:
     """An existing, readable directory."""
-    if path is None or str(path) == "":
-        raise ConfigError(key, path, f"give a directory{hint}")
-    p = Path(str(path)).expanduser()
+    p = _given_path(key, path, "a directory", hint)
     if not p.is_dir():
         raise ConfigError(key, str(path), f"no such directory (looked at {p.resolve()}){hint}")
     if not os.access(p, os.R_OK | os.X_OK):
