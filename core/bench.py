@@ -19,8 +19,10 @@ Three tables (DESIGN.md §3):
    against the dense ViT whose MLPs in those blocks are K times wider (same activated FLOPs).
 
 Method (background: systems.md §4): one process, warm-ups, then interleaved rounds (every engine
-once per round) and the minimum and median per engine; ``ratio_to_dense`` = t_dense / t_engine from
-the minima, so 1.0 is the dense speed. On CPU the run uses fp32 and all cores, with the allocator
+once per round, each round starting one engine further on) and the minimum and median per engine;
+``ratio_to_dense`` = t_dense / t_engine from the minima, so 1.0 is the dense speed, and
+``ratio_to_dense_paired`` the median of the per-round ratios, which a slow stretch of a shared
+machine moves less. On CPU the run uses fp32 and all cores, with the allocator
 the process was started with: by default glibc's, as every training run gets it, where each fresh
 buffer of more than 32 MiB is mapped and page-faulted anew (systems.md §3). ``--malloc tuned``
 re-executes the process with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised, so that
@@ -75,7 +77,10 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
                      budget_s: float = float("inf"), clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in interleaved rounds after warm-ups.
 
-    A function whose warm-up shows it would exceed ``budget_s`` over all rounds gets fewer rounds
+    Round r starts at the r-th function and wraps around, so that over the rounds every function
+    follows every other one about equally often: a function that leaves the caches, the allocator
+    or the clock in a bad state (a style with huge temporaries) does not always slow the same
+    neighbour. ``times[name][r]`` is round r's time. A function whose warm-up shows it would exceed ``budget_s`` over all rounds gets fewer rounds
     (at least 2), so one very slow style does not dominate the run. ``clock`` is wall time, or
     ``time.process_time`` (CPU seconds of this process: with one thread, a measure that other
     processes sharing the cores barely disturb).
@@ -90,10 +95,12 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
         fits = rounds if budget_s == float("inf") else int(budget_s / max(per_call, 1e-9))
         allowed[name] = max(2, min(rounds, fits))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(rounds):
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
             if r >= allowed[name]:
                 continue
+            fn = fns[name]
             _sync(device)
             t0 = clock()
             fn()
@@ -102,8 +109,18 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
     return times
 
 
-def _summary(ts: list[float]) -> dict:
-    return {"min_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3, "rounds": len(ts)}
+def paired_ratio(t_ref: list[float], ts: list[float]) -> float:
+    """Median over rounds of ``t_ref[r] / ts[r]`` (the rounds both ran): each round's two times were
+    taken seconds apart, so a slow stretch of the machine cancels out of that round's ratio."""
+    return statistics.median(a / b for a, b in zip(t_ref, ts))
+
+
+def _summary(ts: list[float], t_ref: list[float]) -> dict:
+    """Timing fields of a record: ``ratio_to_dense`` from the minima, ``ratio_to_dense_paired`` the
+    median of the per-round ratios, and every round's time."""
+    return {"ratio_to_dense": min(t_ref) / min(ts), "ratio_to_dense_paired": paired_ratio(t_ref, ts),
+            "min_ms": min(ts) * 1e3, "median_ms": statistics.median(ts) * 1e3, "rounds": len(ts),
+            "times_ms": [t * 1e3 for t in ts]}
 
 
 def _autocast(device: torch.device):
@@ -211,15 +228,13 @@ def layer_table(args, device: torch.device) -> list[dict]:
                    for n, m in engines.items()}
             fns["experts_only"] = ceiling_fns[pass_name == "fwd+bwd"]
             times = time_interleaved(fns, args.rounds, args.warmups, device, args.style_budget_s, args.clock_fn)
-            t_dense = min(times["dense"])
             saved = {}
             if pass_name == "fwd+bwd":
                 with _autocast(device):
                     saved = {n: saved_activation_bytes(m, x_req) / 2**20 for n, m in engines.items()}
             for name, ts in times.items():
                 records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
-                                "pass": pass_name, "tokens_per_s": T / min(ts),
-                                "ratio_to_dense": t_dense / min(ts), **_summary(ts),
+                                "pass": pass_name, "tokens_per_s": T / min(ts), **_summary(ts, times["dense"]),
                                 **({"saved_for_backward_mb": saved[name]} if name in saved else {})})
             _print_partial(records[-len(times):])
         del engines, ceiling, ceiling_fns
@@ -228,7 +243,7 @@ def layer_table(args, device: torch.device) -> list[dict]:
 
 def _print_partial(recs: list[dict]) -> None:
     r0 = recs[0]
-    line = "  ".join(f"{r['engine']}={r['ratio_to_dense']:.2f}" for r in recs)
+    line = "  ".join(f"{r['engine']}={r['ratio_to_dense']:.2f}|{r['ratio_to_dense_paired']:.2f}" for r in recs)
     print(f"  [E={r0['E']} K={r0['K']} F={r0['F']} {r0['pass']}] {line}", file=sys.stderr, flush=True)
 
 
@@ -344,7 +359,6 @@ def e2e_table(args, device: torch.device) -> list[dict]:
                 core.after_optimizer_step(model)
         fns[name] = run
     times = time_interleaved(fns, args.rounds, args.warmups, device, clock=args.clock_fn)
-    t_dense = min(times["dense_vit"])
     moe = next(m for m in moe_model.modules() if isinstance(m, MoE))
     config = {"num_experts": moe.num_experts, "top_k": getattr(moe.router, "top_k", None),
               "capacity_factor": getattr(moe.router, "capacity_factor", None), "router": type(moe.router).__name__,
@@ -352,7 +366,7 @@ def e2e_table(args, device: torch.device) -> list[dict]:
     return [{"table": "e2e", "engine": name, "source": source if name == "vmoe" else "timm VisionTransformer",
              "vmoe": config,
              "batch_size": B, "steps_per_round": steps, "images_per_s": B * steps / min(ts),
-             "ratio_to_dense": t_dense / min(ts), **_summary(ts)} for name, ts in times.items()]
+             **_summary(ts, times["dense_vit"])} for name, ts in times.items()]
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -361,11 +375,13 @@ def format_tables(records: list[dict]) -> str:
     lines = []
     layer = [r for r in records if r["table"] == "layer"]
     if layer:
-        lines += ["", "Layer: tokens/s (ratio to dense), min over rounds",
+        lines += ["", "Layer: tokens/s from the minimum over rounds (ratio to dense from the minima | median of "
+                  "the per-round ratios)",
                   f"{'E':>3} {'K':>2} {'F':>5} {'pass':<8} " + " ".join(f"{e:>20}" for e in _engines(layer))]
         for key in dict.fromkeys((r["E"], r["K"], r["F"], r["pass"]) for r in layer):
             row = {r["engine"]: r for r in layer if (r["E"], r["K"], r["F"], r["pass"]) == key}
-            cells = [f"{row[e]['tokens_per_s']:>11.0f} ({row[e]['ratio_to_dense']:.2f})" if e in row else f"{'-':>20}"
+            cells = [f"{row[e]['tokens_per_s']:>8.0f} ({row[e]['ratio_to_dense']:.2f}|{row[e]['ratio_to_dense_paired']:.2f})"
+                     if e in row else f"{'-':>20}"
                      for e in _engines(layer)]
             lines.append(f"{key[0]:>3} {key[1]:>2} {key[2]:>5} {key[3]:<8} " + " ".join(f"{c:>20}" for c in cells))
         saved = [r for r in layer if "saved_for_backward_mb" in r]
@@ -391,7 +407,8 @@ def format_tables(records: list[dict]) -> str:
     if e2e:
         lines += ["", f"End-to-end training (batch {e2e[0]['batch_size']}, fwd+bwd+AdamW): images/s"]
         for r in e2e:
-            lines.append(f"{r['engine']:<10} {r['images_per_s']:>9.1f}  ratio {r['ratio_to_dense']:.2f}  "
+            lines.append(f"{r['engine']:<10} {r['images_per_s']:>9.1f}  ratio {r['ratio_to_dense']:.2f} "
+                         f"(per-round median {r['ratio_to_dense_paired']:.2f})  "
                          f"median {r['median_ms']:.1f} ms  ({r['source']})")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.bench import saved_activation_bytes
+from core.bench import paired_ratio, saved_activation_bytes, time_interleaved
 from core.bench_styles import CapacityBmmMoE, EinsumMoE, LoopMoE
 from core.experts import Experts
 from core.moe import MoE
@@ -343,7 +343,8 @@ def test_bench_quick_smoke(tmp_path):
     assert {r["pass"] for r in layer} == {"fwd", "fwd+bwd"}
     for r in layer:
         assert r["tokens_per_s"] > 0 and r["min_ms"] <= r["median_ms"]
-        assert r["engine"] != "dense" or r["ratio_to_dense"] == 1.0
+        assert r["engine"] != "dense" or r["ratio_to_dense"] == r["ratio_to_dense_paired"] == 1.0
+        assert len(r["times_ms"]) == r["rounds"] and min(r["times_ms"]) == pytest.approx(r["min_ms"])
         if r["engine"] != "experts_only":
             assert (r["pass"] == "fwd+bwd") == ("saved_for_backward_mb" in r)
     routers = [r for r in data["records"] if r["table"] == "routers"]
@@ -353,6 +354,27 @@ def test_bench_quick_smoke(tmp_path):
     e2e = [r for r in data["records"] if r["table"] == "e2e"]
     assert {r["engine"] for r in e2e} == {"dense_vit", "vmoe"} and all(r["images_per_s"] > 0 for r in e2e)
     assert "Layer: tokens/s" in proc.stdout
+
+
+def test_interleaved_rounds_rotate_the_order():
+    """Each round starts one function further on, so no function always runs right after the same
+    one; every function still runs once per round and its times stay in round order."""
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = time_interleaved(fns, rounds=3, warmups=0, device=torch.device("cpu"))
+    rounds = [calls[i:i + 3] for i in range(3, 12, 3)]  # after one warm-up call each
+    assert rounds == [list("abc"), list("bca"), list("cab")]
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_paired_ratio_cancels_a_slow_stretch():
+    """A slow round that hits both engines leaves the per-round ratio alone; the ratio of minima
+    takes each engine's best round, whichever it was."""
+    dense = [1.0, 2.0, 1.0]
+    ours = [1.25, 2.5, 1.25]  # 0.8 of dense in every round
+    assert paired_ratio(dense, ours) == pytest.approx(0.8)
+    assert paired_ratio(dense, [0.5, 1.0]) == pytest.approx(2.0)  # only the rounds both ran
+    assert paired_ratio([2.0, 1.0, 2.0], [1.0, 2.0, 2.0]) == pytest.approx(1.0)  # median of 2, 0.5, 1
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
