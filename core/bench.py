@@ -7,10 +7,10 @@ Three tables (DESIGN.md §3):
    with the other layout of its expert function (``ours_grouped`` on CPU), and against the other
    implementation styles of ``core.bench_styles`` (per-expert loop, capacity buffer + bmm, one-hot
    einsum), forward (``inference_mode``) and forward+backward (a contiguous upstream gradient),
-   for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 at T=4096, D=512. ``experts_only`` is
-   a bound rather than a layer (``ExpertsCeiling``): each expert's FFN on its own contiguous rows,
-   as many as our router gives it, with nothing else: the layer's time if routing and data
-   movement were free.
+   for E=8/K=2/F=1024, E=32/K=8/F=256 and E=64/K=8/F=128 (``--layers`` picks others) at T=4096,
+   D=512. ``experts_only`` is a bound rather than a layer (``ExpertsCeiling``): each expert's FFN
+   on its own contiguous rows, as many as our router gives it, with nothing else: the layer's
+   time if routing and data movement were free.
 2. ``routers``: every ``conf/router/*.yaml`` router's forward time at T=4096 (one group), D=512,
    E=32 relative to ``topk``, and as a share of the MoE layer's forward time with that router;
    shares above 25% are flagged.
@@ -34,6 +34,7 @@ Example::
 
     python -m core.bench                        # layer + routers tables, JSON in bench_results/
     python -m core.bench --quick --tables layer # a small smoke run
+    python -m core.bench --tables layer --layers 16:4:512 --styles loop   # your own shape
     python -m core.bench --e2e --out bench_results/full.json
     python -m core.bench --e2e --malloc tuned   # glibc tuned to reuse freed memory
 """
@@ -209,7 +210,7 @@ def _ceiling_fns(ceiling: ExpertsCeiling, device: torch.device) -> tuple[Callabl
 def layer_table(args, device: torch.device) -> list[dict]:
     T, D = (512, 128) if args.quick else (args.tokens, args.dim)
     records = []
-    for E, K, F in LAYER_CONFIGS:
+    for E, K, F in args.layers:
         if args.quick:
             F = max(16, F // 8)
         torch.manual_seed(0)
@@ -460,6 +461,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; --quick 2)")
     p.add_argument("--warmups", type=int, default=None, help="warm-up calls per engine (default 2; --quick 1)")
+    p.add_argument("--layers", default=",".join(":".join(map(str, c)) for c in LAYER_CONFIGS),
+                   help="comma list of E:K:F layer shapes (experts, top-k, expert hidden width)")
     p.add_argument("--tokens", type=int, default=4096, help="T")
     p.add_argument("--dim", type=int, default=512, help="D")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="cf of the capacity and einsum styles")
@@ -486,10 +489,27 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--tables: unknown table(s) {sorted(unknown)}; use layer, routers, e2e")
     args.tables = tables
+    args.layers = _parse_layers(p, args.layers)
     args.styles = tuple(t.strip() for t in args.styles.split(",") if t.strip())
     if set(args.styles) - set(STYLES):
         p.error(f"--styles: unknown style(s) {sorted(set(args.styles) - set(STYLES))}; use {', '.join(STYLES)}")
     return args
+
+
+def _parse_layers(p: argparse.ArgumentParser, text: str) -> tuple[tuple[int, int, int], ...]:
+    """``--layers 8:2:1024,32:8:256`` as ((E, K, F), ...), each positive with K ≤ E."""
+    layers = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            E, K, F = (int(v) for v in item.split(":"))
+        except ValueError:
+            p.error(f"--layers: {item!r} is not E:K:F (three integers, e.g. 8:2:1024)")
+        if min(E, K, F) < 1 or K > E:
+            p.error(f"--layers: {item!r} needs E, K, F ≥ 1 and K ≤ E")
+        layers.append((E, K, F))
+    if not layers:
+        p.error("--layers: give at least one E:K:F, e.g. 8:2:1024")
+    return tuple(layers)
 
 
 def _reexec_with_allocator(args) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.bench import paired_ratio, saved_activation_bytes, time_interleaved
+from core.bench import paired_ratio, parse_args, saved_activation_bytes, time_interleaved
 from core.bench_styles import CapacityBmmMoE, EinsumMoE, LoopMoE
 from core.experts import Experts
 from core.moe import MoE
@@ -354,6 +354,18 @@ def test_bench_quick_smoke(tmp_path):
     e2e = [r for r in data["records"] if r["table"] == "e2e"]
     assert {r["engine"] for r in e2e} == {"dense_vit", "vmoe"} and all(r["images_per_s"] > 0 for r in e2e)
     assert "Layer: tokens/s" in proc.stdout
+
+
+def test_bench_layers_option(capsys):
+    """``--layers`` picks the layer shapes; a malformed or impossible shape stops before any timing
+    with a message that names it and the expected form."""
+    assert parse_args(["--layers", "16:4:512, 8:1:64"]).layers == ((16, 4, 512), (8, 1, 64))
+    assert parse_args([]).layers == ((8, 2, 1024), (32, 8, 256), (64, 8, 128))
+    for bad, expected in (("8:2", "is not E:K:F"), ("8:x:1024", "is not E:K:F"), ("4:8:64", "K ≤ E"),
+                          ("8:0:64", "≥ 1"), (",", "at least one")):
+        with pytest.raises(SystemExit):
+            parse_args(["--layers", bad])
+        assert expected in capsys.readouterr().err, bad
 
 
 def test_interleaved_rounds_rotate_the_order():
