@@ -81,8 +81,9 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
     Round r starts at the r-th function and wraps around, so that over the rounds every function
     follows every other one about equally often: a function that leaves the caches, the allocator
     or the clock in a bad state (a style with huge temporaries) does not always slow the same
-    neighbour. ``times[name][r]`` is round r's time. A function whose warm-up shows it would exceed ``budget_s`` over all rounds gets fewer rounds
-    (at least 2), so one very slow style does not dominate the run. ``clock`` is wall time, or
+    neighbour. ``times[name][r]`` is round r's time. A function whose warm-up shows it would
+    exceed ``budget_s`` over all rounds gets fewer rounds (at least 2), so one very slow style does
+    not dominate the run. ``clock`` is wall time, or
     ``time.process_time`` (CPU seconds of this process: with one thread, a measure that other
     processes sharing the cores barely disturb).
     """
