@@ -19,7 +19,7 @@ Three tables (DESIGN.md §3):
    against the dense ViT whose MLPs in those blocks are K times wider (same activated FLOPs).
 
 Method (background: systems.md §4): one process, warm-ups, then interleaved rounds (every engine
-once per round, each round starting one engine further on) and the minimum and median per engine;
+once per round, in a seeded random order per round) and the minimum and median per engine;
 ``ratio_to_dense`` = t_dense / t_engine from the minima, so 1.0 is the dense speed, and
 ``ratio_to_dense_paired`` the median of the per-round ratios, which a slow stretch of a shared
 machine moves less. On CPU the run uses fp32 and all cores, with the allocator
@@ -48,6 +48,7 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -78,10 +79,10 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
                      budget_s: float = float("inf"), clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in interleaved rounds after warm-ups.
 
-    Round r starts at the r-th function and wraps around, so that over the rounds every function
-    follows every other one about equally often: a function that leaves the caches, the allocator
-    or the clock in a bad state (a style with huge temporaries) does not always slow the same
-    neighbour. ``times[name][r]`` is round r's time. A function whose warm-up shows it would
+    Every round runs the functions in its own order, shuffled with a fixed seed, so that a
+    function which leaves the caches, the allocator or the clock in a bad state (a style with huge
+    temporaries) does not always slow the same neighbour. ``times[name][r]`` is round r's time
+    (for the rounds the function ran). A function whose warm-up shows it would
     exceed ``budget_s`` over all rounds gets fewer rounds (at least 2), so one very slow style does
     not dominate the run. ``clock`` is wall time, or
     ``time.process_time`` (CPU seconds of this process: with one thread, a measure that other
@@ -97,9 +98,10 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmups: i
         fits = rounds if budget_s == float("inf") else int(budget_s / max(per_call, 1e-9))
         allowed[name] = max(2, min(rounds, fits))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
+    order, rng = list(fns), random.Random(0)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        rng.shuffle(order)
+        for name in order:
             if r >= allowed[name]:
                 continue
             fn = fns[name]

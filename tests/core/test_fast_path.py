@@ -368,15 +368,23 @@ def test_bench_layers_option(capsys):
         assert expected in capsys.readouterr().err, bad
 
 
-def test_interleaved_rounds_rotate_the_order():
-    """Each round starts one function further on, so no function always runs right after the same
-    one; every function still runs once per round and its times stay in round order."""
+def test_interleaved_rounds_shuffle_the_order():
+    """Every round runs each function once, in an order of its own, so no function always runs
+    right after the same one; the same seed gives the same orders, and each function's times stay
+    in round order."""
     calls = []
-    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    times = time_interleaved(fns, rounds=3, warmups=0, device=torch.device("cpu"))
-    rounds = [calls[i:i + 3] for i in range(3, 12, 3)]  # after one warm-up call each
-    assert rounds == [list("abc"), list("bca"), list("cab")]
-    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abcd"}
+    times = time_interleaved(fns, rounds=12, warmups=0, device=torch.device("cpu"))
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]  # after one warm-up call each
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    for name in "abcd":
+        before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+        assert len(before) >= 2, (name, rounds)
+    assert {n: len(t) for n, t in times.items()} == dict.fromkeys("abcd", 12)
+    first = calls[4:]
+    calls.clear()
+    time_interleaved(fns, rounds=12, warmups=0, device=torch.device("cpu"))
+    assert calls[4:] == first
 
 
 def test_paired_ratio_cancels_a_slow_stretch():
