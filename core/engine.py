@@ -73,8 +73,8 @@ from torch import nn
 import core
 from core import distributed as dist_utils
 from core.moe import MoE
-from core.routers.base import check_positive_int
 from core.runs import machine_description
+from core.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ class TrainerConfig:
     expert_parallel: bool = False
 
     def __post_init__(self):
-        check_positive_int("trainer.max_epochs", self.max_epochs, 1)
+        check_int("trainer.max_epochs", self.max_epochs, 1)
         if self.max_steps is not None:
-            check_positive_int("trainer.max_steps", self.max_steps, 1)
+            check_int("trainer.max_steps", self.max_steps, 1)
         for key in ("lr", "min_lr", "weight_decay", "eps", "warmup_fraction"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -159,7 +159,7 @@ class TrainerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"trainer.betas={list(self.betas)!r} is not allowed: two numbers in [0, 1).")
         if self.warmup_steps is not None:
-            check_positive_int("trainer.warmup_steps", self.warmup_steps, 0)
+            check_int("trainer.warmup_steps", self.warmup_steps, 0)
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
             raise ValueError(f"trainer.grad_clip={self.grad_clip!r} is not allowed: a number >= 0 or null.")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
@@ -167,9 +167,9 @@ class TrainerConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"trainer.precision={self.precision!r} is not allowed: use auto, fp32 or bf16.")
         if self.checkpoint_every_steps is not None:
-            check_positive_int("trainer.checkpoint_every_steps", self.checkpoint_every_steps, 1)
-        check_positive_int("trainer.log_every_steps", self.log_every_steps, 1)
-        check_positive_int("trainer.eval_every_epochs", self.eval_every_epochs, 1)
+            check_int("trainer.checkpoint_every_steps", self.checkpoint_every_steps, 1)
+        check_int("trainer.log_every_steps", self.log_every_steps, 1)
+        check_int("trainer.eval_every_epochs", self.eval_every_epochs, 1)
         if self.progress not in ("auto", True, False):
             raise ValueError(f"trainer.progress={self.progress!r} is not allowed: use auto, true or false.")
         if not isinstance(self.expert_parallel, bool):
@@ -226,7 +226,7 @@ class TensorLoader:
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             raise ValueError(f"tensors have different lengths {[t.shape[0] for t in tensors]}: they must match.")
-        check_positive_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, batch_size, shuffle, drop_last
         self.transform = transform
         self.num_examples = n

@@ -87,7 +87,7 @@ def _check_patches(cfg: DictConfig) -> None:
     if isinstance(size, int) and isinstance(patch, int) and (patch < 1 or size % patch):
         value = patch if key.endswith("patch_size") else m.name
         raise ConfigError(key, value, f"the patch size {patch} must divide the image size {size} of data.name={d.name} "
-                          "(set model.timm_kwargs.patch_size to a divisor, or data.img_size for imagefolder)")
+                               "(set model.timm_kwargs.patch_size to a divisor, or data.img_size for imagefolder)")
 
 
 def router_name(cfg: DictConfig) -> str:

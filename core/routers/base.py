@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from core.routing import Routing, positions_in_segment
+from core.validate import check_int
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {minimum}.")
+    """``value`` if it is an integer >= ``minimum``, else a ``ConfigError`` naming it."""
+    check_int(name, value, minimum)
     return value
 
 
