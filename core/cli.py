@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.distributed import is_main_process
 from core.engine import NonFiniteLossError
-from core.validate import ConfigError, NotApplicableError
+from core.checks import ConfigError, NotApplicableError
 
 log = logging.getLogger(__name__)
 

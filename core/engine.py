@@ -74,7 +74,7 @@ import core
 from core import distributed as dist_utils
 from core.moe import MoE
 from core.runs import machine_description
-from core.validate import check_int
+from core.checks import check_int
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from open_clip.loss import ClipLoss
 from core.cli import run_main
 from core.engine import Trainer, TrainerConfig, seed_everything
 from core.runs import hydra_choice, run_dir
-from core.validate import ConfigError, check_int, check_readable_dir, check_router, check_target, check_trainer
+from core.checks import ConfigError, check_int, check_readable_dir, check_target
+from core.validate import check_router, check_trainer
 from multimodal.data import MultimodalData, build_data, labelled_loader, pair_loader
 from multimodal.models import LIMoE, modality_usage, reset_modality_usage
 

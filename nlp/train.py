@@ -37,8 +37,8 @@ from core.cli import run_main
 from core.distributed import is_main_process
 from core.engine import TensorLoader, Trainer, TrainerConfig, find_checkpoint, seed_everything
 from core.runs import hydra_choice, run_dir
-from core.validate import (ConfigError, check_choice, check_int, check_number, check_readable_file, check_router,
-                           check_target, check_trainer)
+from core.checks import ConfigError, check_choice, check_int, check_number, check_readable_file, check_target
+from core.validate import check_router, check_trainer
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
 

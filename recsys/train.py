@@ -33,8 +33,8 @@ from core.cli import run_main
 from core.distributed import is_main_process
 from core.engine import Trainer, TrainerConfig, seed_everything
 from core.runs import hydra_choice, run_dir
-from core.validate import (ConfigError, check_int, check_number, check_readable_dir, check_router, check_target,
-                           check_trainer)
+from core.checks import ConfigError, check_int, check_number, check_readable_dir, check_target
+from core.validate import check_router, check_trainer
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec, make_loader
 from recsys.models import GateError, gate_stats, mixtures, reset_gate_stats
 from recsys.sharding import check_sharding, shard_embedding_tables

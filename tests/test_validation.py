@@ -20,7 +20,7 @@ from hydra.errors import MissingConfigException
 
 from core import cli
 from core.engine import NonFiniteLossError
-from core.validate import ConfigError, NotApplicableError, to_config_error
+from core.checks import ConfigError, NotApplicableError, to_config_error
 from tests.conftest import CONF_DIR
 
 REPO = CONF_DIR.parent

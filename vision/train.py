@@ -22,7 +22,8 @@ from core.engine import Trainer, TrainerConfig, seed_everything
 from core.experts import IMPLS
 from core.surgery import PLACEMENTS
 from core.runs import run_dir
-from core.validate import ConfigError, check_int, check_readable_dir, check_router, check_trainer
+from core.checks import ConfigError, check_int, check_readable_dir
+from core.validate import check_router, check_trainer
 from vision.data import AUGMENTATIONS, DATASETS, build_loaders, load_dataset
 
 log = logging.getLogger(__name__)

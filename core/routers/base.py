@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from core.routing import Routing, positions_in_segment
-from core.validate import check_int
+from core.checks import check_int
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
