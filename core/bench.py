@@ -312,25 +312,19 @@ def routers_table(args, device: torch.device) -> list[dict]:
 
 def vit_pair() -> tuple[nn.Module, nn.Module, str]:
     """(V-MoE, dense ViT of the same activated FLOPs, where the V-MoE came from)."""
-    import timm
     from timm.layers import Mlp
     from timm.models.vision_transformer import VisionTransformer
 
     args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
                 mlp_ratio=4.0, global_pool="avg", class_token=False)
     E, K, hidden = 8, 2, 384
-    try:
-        import vision.models  # noqa: F401  (registers the vmoe_* names with timm)
-        moe_model = timm.create_model("vmoe_tiny_patch4_28")
-        blocks = [i for i, b in enumerate(moe_model.blocks) if isinstance(b.mlp, MoE)]
-        source = "vision.models:vmoe_tiny_patch4_28"
-    except Exception as err:  # the vision package may be absent or mid-edit: build the same model here
-        moe_model = VisionTransformer(**args)
-        blocks = list(range(1, args["depth"], 2))
-        for i in blocks:
-            moe_model.blocks[i].mlp = MoE(96, hidden, num_experts=E,
-                                          router=functools.partial(TopKRouter, top_k=K, capacity_factor=1.05))
-        source = f"timm VisionTransformer + core.moe ({type(err).__name__})"
+    # vision's vmoe_tiny_patch4_28, built from timm and core alone (core never imports a domain)
+    moe_model = VisionTransformer(**args)
+    blocks = list(range(1, args["depth"], 2))
+    for i in blocks:
+        moe_model.blocks[i].mlp = MoE(96, hidden, num_experts=E,
+                                      router=functools.partial(TopKRouter, top_k=K, capacity_factor=1.05))
+    source = "timm VisionTransformer + core.moe.MoE in blocks 1, 3, 5 (vmoe_tiny_patch4_28)"
     dense = VisionTransformer(**args)
     for i in blocks:  # K times the expert width: the activated FLOPs of a top-K MoE MLP
         layer = moe_model.blocks[i].mlp

@@ -257,6 +257,10 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> i
     W, rank = get_world_size(group), get_rank(group)
     for name, layer in layers:
         experts, E = layer.experts, layer.num_experts
+        if not layer.router.supports_expert_parallel:
+            raise ValueError(f"trainer.expert_parallel=true is not allowed with {type(layer.router).__name__} "
+                             f"(layer {name or '<root>'}): every token meets every expert, so the experts cannot "
+                             "live on different ranks; pick a sparse router (topk, expert_choice, deepseek, ...).")
         if E % W:
             raise ValueError(f"trainer.expert_parallel=true needs num_experts divisible by the number of ranks: "
                              f"layer {name or '<root>'} has num_experts={E} and there are {W} ranks.")

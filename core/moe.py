@@ -21,7 +21,6 @@ from torch import nn
 
 from core.experts import Experts, dispatch_combine
 from core.routers.base import Router, check_positive_int
-from core.routers.topk import TopKRouter
 from core.routing import Routing
 
 
@@ -84,7 +83,9 @@ class MoE(nn.Module):
         check_positive_int("num_shared_experts", num_shared_experts, minimum=0)
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.group_size = group_size
-        if router is None:
+        if router is None:  # V-MoE's softmax top-2, imported here so the layer depends on no particular router
+            from core.routers.topk import TopKRouter
+
             router = TopKRouter(in_features, num_experts)
         elif not isinstance(router, Router):
             router = router(dim=in_features, num_experts=num_experts)

@@ -75,16 +75,16 @@ def router_choices() -> list[str]:
 
 
 def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "router", domain: str = "",
-                 token_ids: bool = False, group_size: int | None = None, group_key: str = "group_size"):
+                 token_ids: bool = False, group_size: int | None = None, group_key: str = "group_size",
+                 seq_len: int | None = None, expert_parallel: bool = False):
     """Build the router of ``node`` (a ``conf/router`` config, or None for the model's default) once
-    for each expert count the model gives it; raise ``NotApplicableError`` naming ``<key>.<name>`` when
-    the router's own rules refuse the config (``top_k`` > E, ``capacity_factor`` <= 0, ...), when it
-    needs token ids the domain does not have, or when BASE layers' balanced assignment needs a group
-    size divisible by E and ``group_size`` is not. Returns the last router built (None for None)."""
-    import hydra
-
-    from core.routers.base import Router
-    from core.routers.base_layer import BaseLayerRouter
+    for each expert count the model gives it, and check what it needs against what the model gives
+    (the router class's declared needs, ``core.routers.base.Router``): token ids, a routing group of
+    ``group_size`` tokens (named ``group_key``), a group size of its own inside sequences of
+    ``seq_len`` tokens, expert parallelism. Raises ``NotApplicableError`` naming ``<key>.<name>``
+    when the router's own rules refuse the config (``top_k`` > E, ``capacity_factor`` <= 0, ...) or
+    it cannot serve here. Returns the last router built (None for None)."""
+    from core.routers.base import Router, check_applicable
 
     if node is None:
         return None
@@ -95,32 +95,52 @@ def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "rou
     cls = check_target(f"{key}._target_", node._target_, Router, choices)
     counts = [num_experts] if isinstance(num_experts, int) else list(num_experts)
     name = cls.__name__
-    if cls.needs_token_ids and not token_ids:
-        raise NotApplicableError(key, name, f"{name} (hash routing) needs token ids, which {domain or 'this domain'} "
-                                 "inputs do not have; use a learned router (e.g. +router=topk)")
+    check_applicable(cls, token_ids=token_ids, where=f"{domain or 'this domain'}'s inputs", key=key)
+    if expert_parallel and not cls.supports_expert_parallel:
+        raise NotApplicableError("trainer.expert_parallel", True, f"{name} lets every token meet every expert, "
+                                 "so its experts cannot live on different ranks; pick a sparse router "
+                                 "(topk, expert_choice, deepseek, ...) or set trainer.expert_parallel=false")
     router = None
     for E in counts:
-        try:
-            factory = hydra.utils.instantiate(node, _partial_=True)
-            router = factory(dim=8, num_experts=E)  # the width does not enter any router's rules
-        except TypeError as err:  # an unknown or missing keyword
-            import inspect
-
-            params = [p for p in inspect.signature(cls).parameters if p not in ("dim", "num_experts")]
-            bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-            if bad:
-                raise ConfigError(f"{key}.{bad[1]}", node.get(bad[1]), f"{name} has no such parameter; its "
-                                  f"parameters are {params}") from None
-            raise ConfigError(key, name, f"{err}") from None
-        except ValueError as err:
-            raise to_config_error(err, f"{key}.", cls=NotApplicableError) from None
-        except Exception as err:  # hydra's InstantiationException wraps the router's own error
-            cause = err.__cause__
-            if isinstance(cause, ValueError):
-                raise to_config_error(cause, f"{key}.", cls=NotApplicableError) from None
-            raise ConfigError(key, name, str(err)) from None
-        if isinstance(router, BaseLayerRouter) and group_size is not None and group_size % E:
-            raise NotApplicableError(group_key, group_size,
-                                     f"{name} (BASE layers) gives every expert S/E tokens of a group, so the group "
-                                     f"size must be a multiple of num_experts={E}")
+        router = _build_router(node, cls, key, E)
+        if seq_len is not None:
+            try:
+                needed = router.routing_group_size(seq_len)
+            except ValueError as err:
+                err = to_config_error(err, f"{key}.", cls=NotApplicableError)
+                raise NotApplicableError(err.key, None, f"{err.allowed} (the sequence length data.seq_len)",
+                                         value_repr=err.value_repr) from None
+            if needed is not None:
+                group_size, group_key = needed, f"{key} (its routing group in data.seq_len={seq_len})"
+        if group_size is not None:
+            try:
+                router.check_group_size(group_size)
+            except ValueError as err:
+                raise NotApplicableError(group_key, group_size, str(err).split(" is not allowed: ", 1)[-1]) from None
     return router
+
+
+def _build_router(node: Any, cls: type, key: str, num_experts: int):
+    """``node``'s router for ``num_experts`` experts; its constructor's errors as ``ConfigError``s."""
+    import hydra
+
+    name = cls.__name__
+    try:
+        factory = hydra.utils.instantiate(node, _partial_=True)
+        return factory(dim=8, num_experts=num_experts)  # the width does not enter any router's rules
+    except TypeError as err:  # an unknown or missing keyword
+        import inspect
+
+        params = [p for p in inspect.signature(cls).parameters if p not in ("dim", "num_experts")]
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if bad:
+            raise ConfigError(f"{key}.{bad[1]}", node.get(bad[1]), f"{name} has no such parameter; its "
+                              f"parameters are {params}") from None
+        raise ConfigError(key, name, f"{err}") from None
+    except ValueError as err:
+        raise to_config_error(err, f"{key}.", cls=NotApplicableError) from None
+    except Exception as err:  # hydra's InstantiationException wraps the router's own error
+        cause = err.__cause__
+        if isinstance(cause, ValueError):
+            raise to_config_error(cause, f"{key}.", cls=NotApplicableError) from None
+        raise ConfigError(key, name, str(err)) from None

@@ -35,7 +35,7 @@ from torch import nn
 
 from core import losses
 from core.moe import MoE
-from core.routers.base import Router
+from core.routers.base import Router, check_applicable
 from core.surgery import load_dense_state_dict, replace_mlps_with_moe
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -199,9 +199,8 @@ def convert_clip_to_moe(
     for layer in text_moes:
         layer.modality = "text"
     if text_moes:
-        if any(getattr(layer.router, "needs_token_ids", False) for layer in text_moes):
-            raise ValueError(f"router {type(text_moes[0].router).__name__} needs token ids, which CLIP's "
-                             "text blocks do not pass to their MLP; use a router without needs_token_ids.")
+        check_applicable(text_moes[0].router, token_ids=False, where="CLIP's text blocks (they call their MLP "
+                         "without the token ids)")
         model.text_padding_mask = TextPaddingMask(pad_id=0)
         model.text_padding_mask.attach(model, text_moes)
     return model
@@ -356,8 +355,7 @@ class LIMoE(nn.Module):
             num_shared_experts=num_shared_experts, expert_impl=expert_impl)
         for layer in converted:
             layer.keep_last_routing = True
-            if getattr(layer.router, "needs_token_ids", False):
-                raise ValueError(f"router {type(layer.router).__name__} needs token ids; image patches have none.")
+            check_applicable(layer.router, token_ids=False, where="image patches")
         self.num_experts = num_experts
         self.local_entropy_weight = tuple(float(w) for w in local_entropy_weight)
         self.global_entropy_weight = tuple(float(w) for w in global_entropy_weight)

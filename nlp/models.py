@@ -303,15 +303,12 @@ class MoETransformerLM(nn.Module):
 
     def _group_size(self, router: Router, group_size: int | None) -> int | None:
         """Routing group size for ``router``; records the multiple every sequence is padded to."""
-        segments = getattr(router, "segments_per_sequence", None)
-        if segments is not None:  # Lory: one group per segment, a fixed number of segments per sequence
-            if self.max_seq_len % segments:
-                raise ValueError(f"router.segments_per_sequence={segments} is not allowed: it must divide "
-                                 f"max_seq_len={self.max_seq_len}.")
-            if group_size is not None and group_size * segments != self.max_seq_len:
-                raise ValueError(f"moe_group_size={group_size} does not match max_seq_len={self.max_seq_len} / "
-                                 f"router.segments_per_sequence={segments}; leave it null.")
-            group_size = self.max_seq_len // segments
+        needed = router.routing_group_size(self.max_seq_len)
+        if needed is not None:  # e.g. Lory: one group per segment of every sequence
+            if group_size is not None and group_size != needed:
+                raise ValueError(f"moe_group_size={group_size} is not allowed: {type(router).__name__} routes groups "
+                                 f"of {needed} tokens in sequences of max_seq_len={self.max_seq_len}; leave it null.")
+            group_size = needed
             self.pad_multiple = max(self.pad_multiple, self.max_seq_len)
         elif group_size is not None:
             self.pad_multiple = max(self.pad_multiple, group_size)

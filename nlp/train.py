@@ -393,14 +393,9 @@ def validate_config(cfg: DictConfig) -> None:
     if moe:
         check_int("model.num_experts", m.num_experts)
         check_int("model.moe_group_size", m.get("moe_group_size"), optional=True)
-        router = m.get("router")
-        segments = router.get("segments_per_sequence") if OmegaConf.is_dict(router) else None
-        if isinstance(segments, int) and segments >= 1 and d.seq_len % segments:
-            raise ConfigError("router.segments_per_sequence", segments,
-                              f"the segments of a sequence must tile it: use a divisor of data.seq_len={d.seq_len}")
-        group = m.get("moe_group_size") or (d.seq_len // segments if isinstance(segments, int) and segments else d.seq_len)
-        check_router(router, m.num_experts, key="router", domain="nlp", token_ids=True, group_size=group,
-                     group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len")
+        check_router(m.get("router"), m.num_experts, key="router", domain="nlp", token_ids=True,
+                     group_size=m.get("moe_group_size") or d.seq_len,
+                     group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len", seq_len=d.seq_len)
     check_trainer(cfg.trainer, m.num_experts if moe else None)
 
 

@@ -41,7 +41,7 @@ from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.experts import Experts
-from core.routers.base import Router, check_positive_int
+from core.routers.base import Router, check_applicable, check_positive_int
 from core.routers.dense import DenseRouter
 from core.routing import Routing
 
@@ -90,10 +90,7 @@ def build_gate(gate: RouterFactory | None, dim: int, num_experts: int, out_featu
     if not isinstance(router, Router):
         raise ValueError(f"gate={gate!r} built a {name}, not a core Router: a gate must be a router config "
                          "(conf/router/*.yaml).")
-    if getattr(router, "needs_token_ids", False):
-        raise GateError(f"router {name} cannot serve as a multi-task gate: it needs token ids (hash routing), "
-                         "and a recommender's examples have none. Use a learned router (e.g. dense, topk, "
-                         "expert_choice).")
+    check_applicable(router, token_ids=False, where="a recommender's examples")
     was_training = router.training
     router.eval()
     g = torch.Generator().manual_seed(0)

@@ -77,7 +77,7 @@ CASES = [
      "'/nonexistent/images'", "no such directory"),
     ("nlp", ["+router=base", "model.moe_group_size=6"], "model.moe_group_size", "6", "multiple of num_experts=4"),
     ("nlp", ["+router=lory", "router.segments_per_sequence=5"], "router.segments_per_sequence", "5",
-     "divisor of data.seq_len=32"),
+     "divisor of 32 (the sequence length data.seq_len)"),
     ("nlp", ["data.path=/nonexistent/book.txt"], "data.path", "'/nonexistent/book.txt'", "no such file"),
     ("nlp", ["data.path={not_utf8}"], "data.path", "latin1.txt", "not UTF-8"),
     ("nlp", ["data.path={tmp_path}"], "data.path", str(Path("{tmp_path}")), "not a regular file"),

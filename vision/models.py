@@ -24,7 +24,7 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from torch import nn
 
 from core.moe import MoE
-from core.routers.base import Router
+from core.routers.base import Router, check_applicable
 from core.surgery import load_dense_state_dict, replace_mlps_with_moe
 
 __all__ = ["create_vmoe", "moe_layers", "vmoe_tiny_patch4_28", "vmoe_s_patch32_224", "vmoe_b_patch32_224",
@@ -108,9 +108,7 @@ def create_vmoe(
             model.blocks, placement, num_experts=num_experts, router=router, num_last=num_last,
             group_size=group_size, num_shared_experts=num_shared_experts, expert_impl=expert_impl)
         for layer in moe_layers(model):
-            if layer.router.needs_token_ids:
-                raise ValueError(f"router {type(layer.router).__name__} needs token ids (hash routing); image "
-                                 "patches have none, so it cannot route a vision model.")
+            check_applicable(layer.router, token_ids=False, where="image patches")
         _init_experts_like_vit(model)
     if upcycle_from is not None:
         if isinstance(upcycle_from, (str, Path)):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from core.routing import Routing, positions_in_segment
-from core.checks import check_int
+from core.checks import NotApplicableError, check_int
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -84,10 +84,22 @@ class TokenChoiceCapacity:
 class Router(nn.Module):
     """Base class of every router: ``forward(x_GSD, mask_GS=None) -> Routing``.
 
-    Subclasses own their parameters, set ``self.aux_losses`` (named, already weighted scalars) on
-    every training forward, and declare two class facts used by the domain packages:
-    ``token_local`` (a token's routing depends only on that token, so the router is safe in a
-    causal language model) and ``needs_token_ids`` (hash routing).
+    Subclasses own their parameters and set ``self.aux_losses`` (named, already weighted scalars) on
+    every training forward. What a router needs from the model around it is declared on its class,
+    and callers (the domains, the config checks, expert parallelism) read these facts instead of
+    testing for particular routers:
+
+    - ``token_local``: a token's routing depends only on that token (``is_causal`` follows from it,
+      and a router may refine ``is_causal``), so the router is safe in a causal language model;
+    - ``needs_token_ids``: it routes by the token's id (hash routing), so the model must pass
+      ``token_ids``; images, examples and CLIP's text blocks have none;
+    - ``supports_expert_parallel``: its experts can live on different ranks (False when every token
+      meets every expert: Soft MoE slots, merged experts);
+    - ``mixes_tokens``: an expert's input mixes several tokens of the group (Soft MoE, merging), so a
+      token's output depends on the others in its group even in evaluation;
+    - ``check_group_size(S)``: the routing group sizes it accepts (BASE: a multiple of E);
+    - ``routing_group_size(seq_len)``: the group size it needs inside a sequence (Lory: a segment),
+      or None for the caller's choice.
 
     Args:
         dim: D, the width of the tokens routed.
@@ -96,6 +108,8 @@ class Router(nn.Module):
 
     token_local: bool = True
     needs_token_ids: bool = False
+    supports_expert_parallel: bool = True
+    mixes_tokens: bool = False
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
@@ -107,6 +121,13 @@ class Router(nn.Module):
     def is_causal(self) -> bool:
         """Whether routing token s never looks at tokens after s in its group."""
         return self.token_local
+
+    def check_group_size(self, group_size: int) -> None:
+        """Raise ``ValueError`` when this router cannot route groups of ``group_size`` tokens."""
+
+    def routing_group_size(self, seq_len: int) -> int | None:
+        """The routing group size this router needs in sequences of ``seq_len`` tokens (None: any)."""
+        return None
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         raise NotImplementedError
@@ -229,3 +250,12 @@ def select_expert_choice(
         capacity=C, num_choices=num_choices,
         scores_GSE=gates_GSE if scores_GSE is None else scores_GSE, mask_GS=mask_GS,
     )
+
+
+def check_applicable(router: Router | type[Router], *, token_ids: bool, where: str, key: str = "router") -> None:
+    """Refuse a router whose needs the model cannot meet: ``NotApplicableError`` naming the router when
+    it routes by token id and ``where`` (e.g. "image patches") has no token ids to give it."""
+    cls = router if isinstance(router, type) else type(router)
+    if cls.needs_token_ids and not token_ids:
+        raise NotApplicableError(key, cls.__name__, f"{cls.__name__} needs token ids (it routes by token id), "
+                                 f"and {where} have none; use a learned router (e.g. +router=topk)")

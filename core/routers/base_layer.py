@@ -56,15 +56,19 @@ class BaseLayerRouter(Router):
         # expert centroids, orthogonal with gain 0.1 as in the reference implementation
         self.centroids_ED = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, dim), gain=0.1))
 
+    def check_group_size(self, group_size: int) -> None:
+        E = self.num_experts
+        if group_size % E:
+            raise ValueError(f"group_size={group_size} is not allowed: BASE layers give every expert S/E tokens "
+                             f"of a group, so the group size must be a multiple of num_experts={E}; set the MoE "
+                             "layer's group_size (or the sequence length) to a multiple of E.")
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape
         E = self.num_experts
         affinity_GSE = self.linear_logits(x_GSD, self.centroids_ED)
         if self.training:
-            if S % E:
-                raise ValueError(f"BASE routing needs a group size divisible by num_experts={E} in "
-                                 f"training (every expert takes S/E tokens); got S={S}. Set the MoE "
-                                 "layer's group_size (or the sequence length) to a multiple of E.")
+            self.check_group_size(S)
             expert_GS = torch.full((G, S), -1, dtype=torch.long, device=x_GSD.device)
             for g in range(G):
                 valid = torch.arange(S, device=x_GSD.device)

@@ -35,6 +35,8 @@ class LoryRouter(Router):
 
     family = "merging"
     token_local = False
+    supports_expert_parallel = False
+    mixes_tokens = True
 
     def __init__(self, dim: int, num_experts: int, segments_per_sequence: int = 4, first_segment: str = "uniform"):
         super().__init__(dim, num_experts)
@@ -47,6 +49,13 @@ class LoryRouter(Router):
     @property
     def is_causal(self) -> bool:
         return self.first_segment == "uniform"
+
+    def routing_group_size(self, seq_len: int) -> int:
+        """One routing group per segment: ``seq_len / segments_per_sequence`` tokens."""
+        if seq_len % self.segments_per_sequence:
+            raise ValueError(f"segments_per_sequence={self.segments_per_sequence} is not allowed: the segments "
+                             f"must tile a sequence of {seq_len} tokens; use a divisor of {seq_len}.")
+        return seq_len // self.segments_per_sequence
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape

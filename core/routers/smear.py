@@ -29,6 +29,8 @@ class SmearRouter(Router):
 
     family = "merging"
     token_local = False
+    supports_expert_parallel = False
+    mixes_tokens = True
 
     def __init__(self, dim: int, num_experts: int, temperature: float = 1.0):
         super().__init__(dim, num_experts)

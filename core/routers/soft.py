@@ -33,6 +33,8 @@ class SoftRouter(Router):
     """
 
     token_local = False
+    supports_expert_parallel = False
+    mixes_tokens = True
 
     def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, noise_std: float = 0.0):
         super().__init__(dim, num_experts)
