@@ -28,41 +28,49 @@ from torch import nn
 from core.moe import MoE
 from core.routers.base import Router
 
-PLACEMENTS = ("every_other", "last_n", "last_half", "all")
+PLACEMENTS = ("every_other", "last_n", "last_half", "all", "none")
 
 # (first projection, second projection) names of the dense FFNs we know how to read
 _MLP_NAMES = (("fc1", "fc2"), ("c_fc", "c_proj"))
 
 
-def moe_block_indices(depth: int, placement: str | Sequence[int] = "every_other", num_last: int | None = None) -> list[int]:
-    """Indices of the blocks that get an MoE layer.
+def moe_block_indices(depth: int, placement: str | Sequence[int] | None = "every_other", num_last: int | None = None,
+                      key: str = "placement") -> list[int]:
+    """Indices of the blocks that get an MoE layer, the one placement rule of every domain.
 
     Args:
         depth: number of blocks.
-        placement: one of ``PLACEMENTS`` or an explicit list of block indices.
+        placement: one of ``PLACEMENTS`` (``every_other``: blocks 1, 3, 5, ... as V-MoE, GShard and
+            Switch; ``last_n``: the last n odd blocks; ``last_half``: Soft MoE; ``all``; ``none`` or
+            None: a dense model) or an explicit list of block indices (negative ones count from the end).
         num_last: n for ``last_n``.
+        key: the argument's name in error messages.
     """
+    if placement is None or placement == "none":
+        return []
     if isinstance(placement, str):
         if placement == "every_other":
             return list(range(1, depth, 2))
         if placement == "last_n":
             odd = list(range(1, depth, 2))
             if isinstance(num_last, bool) or not isinstance(num_last, int) or not 1 <= num_last <= len(odd):
-                raise ValueError(f"num_last={num_last!r} is not allowed for placement='last_n': it must be an "
+                raise ValueError(f"num_last={num_last!r} is not allowed for {key}='last_n': it must be an "
                                  f"integer in [1, {len(odd)}] (the odd blocks of a depth-{depth} model).")
             return odd[-num_last:]
         if placement == "last_half":
             return list(range(depth - depth // 2, depth))
         if placement == "all":
             return list(range(depth))
-        raise ValueError(f"placement={placement!r} is not allowed: use one of {list(PLACEMENTS)} or a list of block indices.")
+        raise ValueError(f"{key}={placement!r} is not allowed: use one of {list(PLACEMENTS)} or a list of block indices.")
+    if not isinstance(placement, Sequence):
+        raise ValueError(f"{key}={placement!r} is not allowed: use one of {list(PLACEMENTS)} or a list of block indices.")
     indices = []
     for i in placement:
         if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth:
-            raise ValueError(f"placement={list(placement)!r} is not allowed: block index {i!r} is outside [-{depth}, {depth}).")
+            raise ValueError(f"{key}={list(placement)!r} is not allowed: block index {i!r} is outside [-{depth}, {depth}).")
         indices.append(i % depth)
     if len(set(indices)) != len(indices):
-        raise ValueError(f"placement={list(placement)!r} is not allowed: a block index appears twice.")
+        raise ValueError(f"{key}={list(placement)!r} is not allowed: a block index appears twice.")
     return sorted(indices)
 
 

@@ -28,11 +28,11 @@ from core.lora_experts import LoRAExperts
 from core.moe import MoE
 from core.routers.base import Router, check_positive_int
 from core.routers.topk import TopKRouter
+from core.surgery import moe_block_indices
 
 __all__ = [
     "CausalSelfAttention", "DecoderBlock", "MoETransformerLM", "NonCausalRoutingError", "RotaryEmbedding",
     "default_router",
-    "moe_layer_indices",
 ]
 
 
@@ -48,24 +48,6 @@ def default_router() -> Callable[..., Router]:
         TopKRouter, top_k=2, capacity_factor=None, noise_std=0.0, renormalize=True,
         importance_loss_weight=0.0, load_loss_weight=0.0, switch_loss_weight=0.001,
     )
-
-
-def moe_layer_indices(moe_layers, depth: int) -> list[int]:
-    """Blocks whose FFN is an MoE layer: ``"all"``, ``"every_other"`` (blocks 1, 3, 5, ...: GShard
-    and Switch), ``"none"`` (dense model) or an explicit list of block indices."""
-    if moe_layers is None or moe_layers == "none":
-        return []
-    if moe_layers == "all":
-        return list(range(depth))
-    if moe_layers == "every_other":
-        return list(range(1, depth, 2))
-    if isinstance(moe_layers, str) or not isinstance(moe_layers, Sequence):
-        raise ValueError(f"moe_layers={moe_layers!r} is not allowed: use 'all', 'every_other', 'none' "
-                         "or a list of block indices.")
-    idx = sorted({int(i) for i in moe_layers})
-    if any(i < 0 or i >= depth for i in idx):
-        raise ValueError(f"moe_layers={list(moe_layers)} is not allowed: indices must lie in [0, {depth}).")
-    return idx
 
 
 class RotaryEmbedding(nn.Module):
@@ -260,7 +242,7 @@ class MoETransformerLM(nn.Module):
         norm_layer = norms[norm]
         if expert_type not in ("mlp", "lora"):
             raise ValueError(f"expert_type={expert_type!r} is not allowed: use 'mlp' or 'lora'.")
-        self.moe_layers = moe_layer_indices(moe_layers, depth)
+        self.moe_layers = moe_block_indices(depth, moe_layers, key="moe_layers")
         self.allow_noncausal_routing = bool(allow_noncausal_routing)
 
         self.tok_embed = nn.Embedding(vocab_size, dim)

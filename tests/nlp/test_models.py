@@ -10,7 +10,8 @@ import torch
 import core
 from core.routers.expert_choice import ExpertChoiceRouter
 from core.routers.topk import TopKRouter
-from nlp.models import MoETransformerLM, moe_layer_indices
+from core.surgery import moe_block_indices
+from nlp.models import MoETransformerLM
 from tests.nlp.conftest import SEQ, VOCAB, is_causal_router, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
@@ -128,14 +129,22 @@ def test_tied_embeddings_and_untied():
 
 
 def test_moe_layer_placement():
-    assert moe_layer_indices("all", 4) == [0, 1, 2, 3]
-    assert moe_layer_indices("every_other", 4) == [1, 3]
-    assert moe_layer_indices("none", 4) == []
-    assert moe_layer_indices([3, 0], 4) == [0, 3]
+    """One placement rule for every domain (core.surgery), with the language model's key in messages."""
+    def place(p):
+        return moe_block_indices(4, p, key="moe_layers")
+
+    assert place("all") == [0, 1, 2, 3]
+    assert place("every_other") == [1, 3]
+    assert place("none") == [] and place(None) == []
+    assert place([3, 0]) == [0, 3] and place([-1]) == [3]
     with pytest.raises(ValueError, match="moe_layers"):
-        moe_layer_indices([4], 4)
+        place([4])
     with pytest.raises(ValueError, match="moe_layers"):
-        moe_layer_indices("every_third", 4)
+        place("every_third")
+    with pytest.raises(ValueError, match="moe_layers.*twice"):
+        place([1, 1])
+    with pytest.raises(ValueError, match="moe_layers"):
+        tiny_lm(moe_layers=[2])
     model = tiny_lm(moe_layers=[1])
     assert [b.is_moe for b in model.blocks] == [False, True]
 
