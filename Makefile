@@ -44,6 +44,8 @@ bench: setup
 	$(PY) -m core.bench
 
 # The router study in every domain, then the cross-domain table and docs/router_study.md (README).
+# The sweep is conf/shared/router_study.yaml (the dense row's conf/shared/router_study_dense.yaml); each
+# domain's experiment/router_study*.yaml under conf/<domain>/ adds its budget.
 STUDY_DOMAINS ?= vision recsys multimodal nlp
 # Soft MoE at the expert compute of top-2: 8 experts x 12 slots = 96 slot passes for 49 patches.
 SOFT_MATCHED := +router=soft router.slots_per_expert=12 router_name=soft_12_slots \

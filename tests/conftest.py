@@ -1,8 +1,10 @@
-"""Shared test helpers: the router configs of ``conf/router/`` by name.
+"""Shared test helpers: a domain's composed config, and the router configs of ``conf/router/`` by name.
 
-Any test that takes a ``router_name`` argument is run once per ``conf/router/*.yaml`` (a new router
-file is picked up without editing the tests); ``make_router(name)`` instantiates that config into the
-partial ``router(dim=D, num_experts=E)`` the MoE layer calls.
+``compose(domain, *overrides)`` composes ``conf/<domain>/train.yaml`` as ``python -m <domain>.train``
+does (every test that needs a real config goes through it). Any test that takes a ``router_name``
+argument is run once per ``conf/router/*.yaml`` (a new router file is picked up without editing the
+tests); ``make_router(name)`` instantiates that config into the partial ``router(dim=D, num_experts=E)``
+the MoE layer calls.
 """
 
 from __future__ import annotations
@@ -13,11 +15,25 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUTER_CONF_DIR = CONF_DIR / "router"
+DOMAINS = ("vision", "recsys", "multimodal", "nlp")
+
+
+def compose(domain: str, *overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """The primary config of ``python -m <domain>.train`` (``conf/<domain>/train.yaml``, loaded as
+    ``pkg://conf/<domain>`` like the entry point; its ``hydra.searchpath`` finds the shared groups of
+    ``conf/``) with the command-line ``overrides``. ``return_hydra_config=True`` keeps the ``hydra``
+    node (run and sweep directories, sweeper params, runtime choices)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r}: use one of {DOMAINS}")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=f"conf.{domain}", version_base="1.3"):
+        return hydra.compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def router_names() -> list[str]:
@@ -30,8 +46,7 @@ def router_config(name: str) -> DictConfig:
     cfg = OmegaConf.load(ROUTER_CONF_DIR / f"{name}.yaml")
     if "defaults" not in cfg:
         return cfg
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=[f"+router={name}"]).router
+    return compose("vision", f"+router={name}").router   # the router group is shared: any domain
 
 
 def make_router_partial(name: str):

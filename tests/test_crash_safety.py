@@ -24,13 +24,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 import core.engine as engine
 from core.engine import NonFiniteLossError, find_checkpoint, load_checkpoint, save_checkpoint
 from core.routers.deepseek import DeepSeekRouter
-from tests.conftest import CONF_DIR, kill_at_first_checkpoint
+from tests.conftest import CONF_DIR, compose, kill_at_first_checkpoint
 from tests.core.test_engine import FINAL, TinyMoENet, fit, loss_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,14 +241,13 @@ def test_killed_nlp_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL ``python -m nlp.train`` once its first in-epoch checkpoint exists; ``trainer.resume=true``
     in the same run directory ends with the metrics of a run that was never interrupted (computed
     in this process, on one thread as the subprocess)."""
-    from nlp.train import train
+    from core.run import train
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "nlp.train", *NLP_ARGS, f"hydra.run.dir={run_dir}"]
     ckpt = kill_at_first_checkpoint(cmd, run_dir, env, timeout_s=120)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("nlp", overrides=[*NLP_ARGS, f"output_dir={tmp_path / 'ref'}"])
+    cfg = compose("nlp", *NLP_ARGS, f"output_dir={tmp_path / 'ref'}")
     step = load_checkpoint(ckpt)["state"]["step"] if ckpt.exists() else None
     assert step is not None and 10 <= step < 60
 

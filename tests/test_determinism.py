@@ -8,17 +8,15 @@ CLIP (8 steps), and the ``slow`` test runs it unshrunk.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import CONF_DIR
+from core.run import train
+from tests.conftest import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OUT_KEY = {"vision": "output_dir", "nlp": "output_dir", "recsys": "out_dir", "multimodal": "out_dir"}
 LOSS = {"vision": "test_loss", "nlp": "val_loss", "recsys": "val_loss", "multimodal": "val_loss"}
 MULTIMODAL_SMALL = ["model.model_name=mm-clip-micro-p4-16", "data.image_size=16", "trainer.max_steps=8",
                     "data.fashion_mnist_train=400", "data.limit_eval=64", "threads=1"]
@@ -40,9 +38,8 @@ def _comparable(value):
 
 
 def _run(domain: str, tmp_path, name: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(domain, overrides=["debug=default", f"{OUT_KEY[domain]}={tmp_path / name}", *overrides])
-    return importlib.import_module(f"{domain}.train").train(cfg)
+    cfg = compose(domain, "debug=default", f"output_dir={tmp_path / name}", *overrides)
+    return train(cfg)  # the domain's task, found by cfg.domain
 
 
 def _check(domain: str, tmp_path, *overrides: str) -> None:

@@ -1,13 +1,12 @@
 """Bad configs in every domain are refused before any data is read: one ``error:`` line on stderr that
 names the key and the value and says what is allowed, exit status 2, no traceback.
 
-Most cases compose the real config and run ``core.cli.run_main`` with the domain's ``validate_config``
-and a ``prepare`` that fails the test if it is ever reached; three run the real command line.
+Most cases compose the real config and run ``core.run.run`` with the domain's task, whose data
+loading fails the test if it is ever reached; three run the real command line.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,38 +14,43 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from core import cli
+import core.engine
+import core.run
 from core.engine import NonFiniteLossError
+from core.run import check_config, run, task_class, task_classes
 from core.checks import ConfigError, NotApplicableError, to_config_error
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, compose
 
 REPO = CONF_DIR.parent
 
 
 def _compose(domain: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(domain, overrides=["debug=default", *overrides])
+    return compose(domain, "debug=default", *overrides)
 
 
-def _never(cfg):
-    pytest.fail("a bad config reached data loading")
+def _task(domain: str, load_data=None):
+    """The domain's task; its data loading fails the test (a bad config must stop before it) unless
+    ``load_data`` replaces it."""
+    def never(self, cfg):
+        pytest.fail("a bad config reached data loading")
+
+    cls = task_class(domain)
+    return type(cls.__name__, (cls,), {"load_data": load_data or never})()
 
 
 def _refused(domain: str, overrides, capsys, tmp_path) -> str:
-    """Run the domain's entry pattern on the composed config; returns the single stderr line."""
-    cfg = _compose(domain, *overrides)
-    validate = importlib.import_module(f"{domain}.train").validate_config
+    """Run the domain's task on the composed config; returns the single stderr line."""
+    cfg = _compose(domain, *overrides, f"output_dir={tmp_path}")
     with pytest.raises(SystemExit) as exc:
-        cli.run_main(cfg, domain, validate=validate, prepare=_never, fit=_never, out_dir=lambda cfg: tmp_path)
+        run(cfg, _task(domain))
     err = capsys.readouterr().err
-    assert exc.value.code == cli.CONFIG_ERROR_EXIT, err
+    assert exc.value.code == core.run.CONFIG_ERROR_EXIT, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "config.yaml").exists()
     return lines[0]
 
 
@@ -82,9 +86,9 @@ CASES = [
     ("nlp", ["data.path={not_utf8}"], "data.path", "latin1.txt", "not UTF-8"),
     ("nlp", ["data.path={tmp_path}"], "data.path", str(Path("{tmp_path}")), "not a regular file"),
     ("nlp", ["data.path={empty}"], "data.path", "empty.txt", "the file is empty"),
-    ("nlp", ["data=nlp/text_file"], "data.path", "'???'", "give a UTF-8 text file"),
+    ("nlp", ["data=text_file"], "data.path", "'???'", "give a UTF-8 text file"),
     ("nlp", ["model.num_experts=0"], "model.num_experts", "0", ">= 1"),
-    ("nlp", ["model._target_=nlp.models.NopeLM"], "model._target_", "'nlp.models.NopeLM'", "conf/model/nlp"),
+    ("nlp", ["model._target_=nlp.models.NopeLM"], "model._target_", "'nlp.models.NopeLM'", "conf/nlp/model"),
     ("nlp", ["trainer.precision=fp16"], "trainer.precision", "'fp16'", "auto, fp32 or bf16"),
     ("nlp", ["trainer.warmup_fraction=1.5"], "trainer.warmup_fraction", "1.5", "[0, 1)"),
     ("recsys", ["model=esmm", "data=synthetic"], "model", "ESMM", "data=adult"),
@@ -134,8 +138,9 @@ def test_unknown_router_choice_names_the_option_and_lists_the_routers():
 
 
 def test_a_good_config_passes_every_domain():
-    for domain in ("vision", "nlp", "recsys", "multimodal"):
-        importlib.import_module(f"{domain}.train").validate_config(_compose(domain))
+    assert sorted(task_classes()) == ["multimodal", "nlp", "recsys", "vision"]
+    for domain, task in task_classes().items():
+        check_config(_compose(domain), task())
 
 
 def test_router_errors_are_relabelled_with_their_config_key():
@@ -146,14 +151,16 @@ def test_router_errors_are_relabelled_with_their_config_key():
     assert str(other) == "data.path='x' is not allowed: something else."
 
 
-def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path):
+def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path, monkeypatch):
     def fit(prepared):
         raise NonFiniteLossError("non-finite loss at step 7 (epoch 0, batch 7): task loss=nan.")
 
+    monkeypatch.setattr(core.run, "prepare", lambda cfg, task: None)
+    monkeypatch.setattr(core.run, "fit", fit)
     with pytest.raises(SystemExit) as exc:
-        cli.run_main(_compose("vision"), "vision", prepare=lambda cfg: None, fit=fit, out_dir=lambda cfg: tmp_path)
+        run(_compose("vision", f"output_dir={tmp_path}"), _task("vision"))
     err = capsys.readouterr().err
-    assert exc.value.code == cli.NONFINITE_EXIT
+    assert exc.value.code == core.run.NONFINITE_EXIT
     assert err.strip() == "error: non-finite loss at step 7 (epoch 0, batch 7): task loss=nan."
 
 
@@ -161,43 +168,36 @@ def test_nonfinite_loss_exits_1_naming_the_step(capsys, tmp_path):
 def test_an_error_during_training_keeps_its_traceback(domain, monkeypatch, tmp_path):
     """Only preparing a run (data, model) can fail as a config error: a ValueError raised while
     training is a bug and must reach the user whole, not as a one-line exit 2."""
-    module = importlib.import_module(f"{domain}.train")
-
     def broken_fit(*args, **kwargs):
         raise ValueError("an internal shape mismatch")
 
-    monkeypatch.setattr(module.Trainer, "fit", broken_fit)
-    out_key = "out_dir" if domain in ("recsys", "multimodal") else "output_dir"
-    cfg = _compose(domain, "debug=default", f"{out_key}={tmp_path}")
+    monkeypatch.setattr(core.engine.Trainer, "fit", broken_fit)
+    cfg = _compose(domain, "debug=default", f"output_dir={tmp_path}")
     with pytest.raises(ValueError, match="internal shape mismatch"):
-        module.main.__wrapped__(cfg)
+        run(cfg, task_class(domain)())
 
 
 def test_in_a_sweep_an_inapplicable_router_gets_an_na_row_but_a_bad_config_stops(monkeypatch, capsys, tmp_path):
     from nlp.models import NonCausalRoutingError
-    from vision.train import validate_config
 
-    monkeypatch.setattr(cli, "is_multirun", lambda: True)
-    out = cli.run_main(_compose("vision", "+router=hash"), "vision", validate=validate_config, prepare=_never,
-                       out_dir=lambda cfg: tmp_path, row=lambda cfg: {"router": "hash"})
+    monkeypatch.setattr(core.run, "is_multirun", lambda: True)
+    out = run(_compose("vision", "+router=hash", f"output_dir={tmp_path}"), _task("vision"))
     assert out is None
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "n/a" and record["router"] == "hash" and "token ids" in record["reason"]
     assert capsys.readouterr().err.startswith("n/a: ")
 
-    def noncausal(cfg):
+    def noncausal(self, cfg):
         raise NonCausalRoutingError("router expert_choice is not causal")
 
     (tmp_path / "metrics.json").unlink()
-    cli.run_main(_compose("nlp"), "nlp", prepare=noncausal, out_dir=lambda cfg: tmp_path,
-                 not_applicable=(NonCausalRoutingError,))
+    run(_compose("nlp", f"output_dir={tmp_path}"), _task("nlp", load_data=noncausal))
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "n/a"
 
     (tmp_path / "metrics.json").unlink()
     with pytest.raises(SystemExit) as exc:  # the sweep's shared config is wrong: every job would fail
-        cli.run_main(_compose("vision", "trainer.lr=-1"), "vision", validate=validate_config, prepare=_never,
-                     out_dir=lambda cfg: tmp_path)
-    assert exc.value.code == cli.CONFIG_ERROR_EXIT and not (tmp_path / "metrics.json").exists()
+        run(_compose("vision", "trainer.lr=-1", f"output_dir={tmp_path}"), _task("vision"))
+    assert exc.value.code == core.run.CONFIG_ERROR_EXIT and not (tmp_path / "metrics.json").exists()
 
 
 def test_not_applicable_is_a_config_error():

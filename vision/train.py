@@ -1,14 +1,13 @@
 """Train a V-MoE (or its dense ViT baseline) image classifier: ``python -m vision.train [overrides]``.
 
-``train(cfg)`` does the work and returns the metrics (tests call it with a composed config);
-``main`` is the thin Hydra entry point. See ``conf/vision.yaml`` for the usual overrides.
+The domain's part of a run (``core.run``): the image data, the timm model (``vmoe_*``, registered by
+``import vision``), cross-entropy, and top-1 accuracy. See ``conf/vision/train.yaml`` for the usual
+overrides.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from pathlib import Path
 
 import hydra
 import timm
@@ -17,25 +16,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import vision  # noqa: F401  (registers vmoe_* with timm)
-from core.cli import run_main
-from core.engine import Trainer, TrainerConfig, seed_everything
-from core.experts import IMPLS
-from core.surgery import PLACEMENTS
-from core.runs import run_dir
 from core.checks import ConfigError, check_int, check_readable_dir
-from core.validate import check_router, check_trainer
+from core.experts import IMPLS
+from core.run import Task, TaskRun, run
+from core.surgery import PLACEMENTS
+from core.validate import check_router
 from vision.data import AUGMENTATIONS, DATASETS, build_loaders, load_dataset
 
-log = logging.getLogger(__name__)
-
+__all__ = ["VisionTask", "build_model", "classification_loss", "evaluate_classifier", "main", "validate_config"]
 
 # image side of the datasets that are not resized (imagefolder's is data.img_size)
 NATIVE_IMG_SIZE = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check the config before any data is read or model built; raises ``ValueError`` naming the
-    key, its value and what is allowed."""
+def validate_config(cfg: DictConfig) -> int | None:
+    """Check the config before any data is read or model built (``ConfigError`` naming the key, its
+    value and what is allowed); returns the experts of a MoE layer (None for the dense ViT)."""
     names = timm.list_models("vmoe_*")
     m, d = cfg.model, cfg.data
     if m.name not in names:
@@ -63,16 +59,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("data.batch_size", d.batch_size, "it must be a positive integer")
     for key in ("eval_batch_size", "limit_train", "limit_eval"):
         check_int(f"data.{key}", d.get(key), optional=True)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ConfigError("seed", cfg.seed, "it must be an integer")
     if d.name == "imagefolder":
         check_readable_dir("data.root", d.root, ": the image folder with train/ and val/ class subfolders")
     _check_patches(cfg)
     num_experts = m.num_experts if m.num_experts is not None else 8
-    if m.moe:
-        check_router(router, num_experts, key="router", domain="vision", group_size=m.group_size,
-                     group_key="model.group_size")
-    check_trainer(cfg.trainer, num_experts if m.moe else None)
+    if not m.moe:
+        return None
+    check_router(router, num_experts, key="router", domain="vision", group_size=m.group_size,
+                 group_key="model.group_size", expert_parallel=cfg.trainer.get("expert_parallel") is True)
+    return num_experts
 
 
 def _check_patches(cfg: DictConfig) -> None:
@@ -91,26 +86,6 @@ def _check_patches(cfg: DictConfig) -> None:
                                "(set model.timm_kwargs.patch_size to a divisor, or data.img_size for imagefolder)")
 
 
-def router_name(cfg: DictConfig) -> str:
-    """The router's public name: ``router_name`` when set, else the ``+router=`` choice, else the
-    model's default; ``none`` for dense."""
-    if not cfg.model.moe:
-        return "none"
-    if cfg.get("router_name"):
-        return str(cfg.router_name)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("router")
-        if choice:
-            return choice
-    router = cfg.model.router
-    if router is None:
-        return cfg.model.default_router
-    # composed without Hydra's runtime (tests): name the module of the router class
-    return str(router._target_).rsplit(".", 2)[-2]
-
-
 def build_model(cfg: DictConfig, data) -> torch.nn.Module:
     """The configured V-MoE (or dense ViT) for ``data``'s image size, channels and classes."""
     m = cfg.model
@@ -120,13 +95,10 @@ def build_model(cfg: DictConfig, data) -> torch.nn.Module:
     kwargs.setdefault("img_size", data.img_size)
     kwargs.setdefault("in_chans", data.in_chans)
     kwargs.setdefault("num_classes", data.num_classes)
-    try:
-        return timm.create_model(
-            m.name, moe=m.moe, num_experts=m.num_experts, router=router, placement=placement, num_last=m.num_last,
-            group_size=m.group_size, num_shared_experts=m.num_shared_experts, expert_impl=m.expert_impl,
-            upcycle_from=m.upcycle_from, **kwargs)
-    except ValueError as err:
-        raise ValueError(f"building {m.name} with router {router_name(cfg)}: {err}") from err
+    return timm.create_model(
+        m.name, moe=m.moe, num_experts=m.num_experts, router=router, placement=placement, num_last=m.num_last,
+        group_size=m.group_size, num_shared_experts=m.num_shared_experts, expert_impl=m.expert_impl,
+        upcycle_from=m.upcycle_from, **kwargs)
 
 
 def classification_loss(model, batch):
@@ -144,71 +116,35 @@ def evaluate_classifier(model, batches) -> dict:
     return {"acc": correct / max(1, n), "loss": loss_sum / max(1, n)}
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    return run_dir(cfg.get("output_dir"))
+class VisionTask(Task):
+    """Image classification with a V-MoE (or the dense ViT): top-1 accuracy on the test split."""
+
+    name, metric, higher_is_better, unit = "vision", "test_acc", True, "image"
+
+    def validate(self, cfg: DictConfig) -> int | None:
+        return validate_config(cfg)
+
+    def load_data(self, cfg: DictConfig):
+        d = cfg.data
+        return load_dataset(d.name, d.root, d.download, d.img_size, d.system_dir, d.train_dir, d.test_dir)
+
+    def build(self, cfg: DictConfig, data) -> TaskRun:
+        d, m = cfg.data, cfg.model
+        train_loader, test_loader = build_loaders(data, d.batch_size, d.eval_batch_size, d.augment, d.crop_padding,
+                                                  d.limit_train, d.limit_eval)
+        model = build_model(cfg, data)
+        info = {"model": m.name if m.moe else f"{m.name} (dense)", "moe_blocks": list(getattr(model, "moe_blocks", [])),
+                "num_experts": m.num_experts if m.moe else 0, "dataset": d.name,
+                "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples}
+        return TaskRun(model, train_loader, {"test": test_loader}, classification_loss, evaluate_classifier, info)
+
+    def summary(self, metrics) -> list[str]:
+        return [f"  test accuracy   {100 * metrics['test_acc']:.2f}%  (test loss {metrics['test_loss']:.4f})"]
 
 
-def prepare(cfg: DictConfig):
-    """Validate, load the data and build the model: everything that can fail because of the config.
-    Returns ``(trainer, model, train_loader, test_loader)``."""
-    validate_config(cfg)
-    trainer_cfg = TrainerConfig.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
-    d = cfg.data
-    data = load_dataset(d.name, d.root, d.download, d.img_size, d.system_dir, d.train_dir, d.test_dir)
-    train_loader, test_loader = build_loaders(data, d.batch_size, d.eval_batch_size, d.augment, d.crop_padding,
-                                              d.limit_train, d.limit_eval)
-    seed_everything(cfg.seed)
-    model = build_model(cfg, data)
-    info = {"domain": "vision", "router": router_name(cfg),
-            "model": cfg.model.name if cfg.model.moe else f"{cfg.model.name} (dense)",
-            "moe_blocks": list(getattr(model, "moe_blocks", [])),
-            "num_experts": cfg.model.num_experts if cfg.model.moe else 0,
-            "dataset": d.name, "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples}
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return Trainer(trainer_cfg, out, seed=cfg.seed, info=info), model, train_loader, test_loader
-
-
-def train(cfg: DictConfig) -> dict:
-    """Prepare, train and evaluate; returns ``metrics.json``'s content."""
-    return fit(prepare(cfg))
-
-
-def summary(metrics: dict) -> str:
-    """A short human summary of a finished run."""
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
-    return "\n".join([
-        f"{metrics['model']} on {metrics['dataset']}, router {metrics['router']}: "
-        f"{metrics['epochs']} epochs, {metrics['steps']} steps, {metrics['wall_time_s'] / 60:.1f} min on {metrics['device']}",
-        f"  test accuracy   {100 * metrics['test_acc']:.2f}%  (test loss {metrics['test_loss']:.4f})",
-        f"  throughput      {metrics['examples_per_s']:.0f} images/s training, "
-        f"{metrics['test_examples_per_s']:.0f} images/s evaluation",
-        f"  parameters      {metrics['params_total'] / 1e6:.3f}M total, {metrics['params_active'] / 1e6:.3f}M active per image",
-        f"  load balance    CV² {fmt(metrics['load_cv2'], '.4f')}, dropped {fmt(metrics['dropped_fraction'], '.2%')} of "
-        f"choices, {fmt(metrics['experts_per_token'], '.2f')} experts per token",
-    ])
-
-
-def fit(prepared) -> dict:
-    """Train prepared pieces (``prepare``'s result); returns the metrics."""
-    trainer, model, train_loader, test_loader = prepared
-    return trainer.fit(model, train_loader, classification_loss, evaluate_classifier, {"test": test_loader})
-
-
-def _report(metrics: dict) -> float:
-    print(summary(metrics))
-    return metrics["test_acc"]
-
-
-@hydra.main(config_path="pkg://conf", config_name="vision", version_base="1.3")
+@hydra.main(config_path="pkg://conf/vision", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Config and data errors: one line, exit 2; a non-finite loss: exit 1. In a sweep, a router that
-    cannot route images (hash routing) or a model that cannot be built with it gets an n/a row."""
-    return run_main(cfg, "vision", validate=validate_config, prepare=prepare, fit=fit, out_dir=output_dir,
-                    row=lambda cfg: {"router": router_name(cfg)}, not_applicable=(ValueError,), objective=_report)
+    return run(cfg, VisionTask())
 
 
 if __name__ == "__main__":

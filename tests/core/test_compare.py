@@ -95,14 +95,13 @@ def test_tiny_real_multirun_gives_a_row_per_router(tmp_path):
 def test_router_study_and_launcher_configs_compose(domain):
     """experiment=router_study sweeps the same routers and seeds in every domain, the dense row sweeps
     seeds only, and the launcher/sweeper configs of the README resolve to Hydra's plugins."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        study = compose(domain, overrides=["experiment=router_study", "hydra/launcher=parallel"],
-                        return_hydra_config=True)
-        dense = compose(domain, overrides=["experiment=router_study_dense", "hydra/launcher=slurm",
-                                           "hydra/sweeper=router_search"], return_hydra_config=True)
+    from tests.conftest import compose
+
+    study = compose(domain, "experiment=router_study", "hydra/launcher=parallel", return_hydra_config=True)
+    dense = compose(domain, "experiment=router_study_dense", "hydra/launcher=slurm", "hydra/sweeper=router_search",
+                    return_hydra_config=True)
     params = OmegaConf.to_container(study.hydra.sweeper.params)
     assert params["+router"] == "topk,mixtral,expert_choice,soft" and "seed" in params
     assert "+router" not in OmegaConf.to_container(dense.hydra.sweeper.params or {})

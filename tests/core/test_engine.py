@@ -1,4 +1,5 @@
-"""core.engine: schedule, optimizer groups, data order, checkpoints, resume, non-finite guard, outputs."""
+"""core.engine: schedule, optimizer groups, data order, checkpoints, resume, non-finite guard, outputs,
+callbacks."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import core.engine.loop
 from core.engine import (
-    NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, build_optimizer, count_parameters,
-    find_checkpoint, load_checkpoint, save_checkpoint, seed_everything, warmup_cosine,
+    Callback, NonFiniteLossError, TensorLoader, Trainer, TrainerConfig, TrainState, build_optimizer,
+    count_parameters, find_checkpoint, load_checkpoint, save_checkpoint, seed_everything, warmup_cosine,
+    write_json_atomic,
 )
 from core.moe import MoE
 from core.routers.topk import TopKRouter
@@ -60,16 +63,17 @@ def evaluate(model, batches):
     return {"acc": correct / n, "loss": loss / n}
 
 
-def fit(tmp_path, seed=0, model=None, loss=loss_fn, **overrides):
+def fit(tmp_path, seed=0, model=None, loss=loss_fn, callbacks=(), n=96, **overrides):
+    """Train ``TinyMoENet`` on ``n`` examples (16 a batch: 6 steps an epoch by default)."""
     seed_everything(seed)
     model = model or TinyMoENet()
-    x, y = _data()
+    x, y = _data(n)
     cfg = dict(max_epochs=3, lr=1e-2, checkpoint_every_steps=4, log_every_steps=2, progress=False)
     cfg.update(overrides)
     trainer = Trainer(TrainerConfig(**cfg), tmp_path, seed=seed, info={"domain": "test", "router": "topk"})
     train = TensorLoader((x, y), batch_size=16, shuffle=True, drop_last=True)
     test = TensorLoader(_data(48, seed=1), batch_size=32)
-    return trainer.fit(model, train, loss, evaluate, {"test": test}), model
+    return trainer.fit(model, train, loss, evaluate, {"test": test}, callbacks=callbacks), model
 
 
 FINAL = ("test_acc", "test_loss", "load_cv2", "importance_cv2", "dropped_fraction", "steps", "params_active")
@@ -258,6 +262,139 @@ def test_max_steps_stops_mid_epoch_and_evaluates(tmp_path):
     assert ck["state"]["step"] == 5 and ck["state"]["batch"] == 5
     again, _ = fit(tmp_path, max_steps=5, resume=True)  # nothing left to do: same final metrics
     assert {k: again[k] for k in FINAL} == {k: metrics[k] for k in FINAL}
+
+
+# ------------------------------------------------------------------------------------------- callbacks
+
+
+class Recorder(Callback):
+    """Every hook call as ``(hook, step)``, with the step records, evaluations and what the trainer shows."""
+
+    def __init__(self):
+        self.events, self.records, self.evaluations, self.seen = [], [], [], []
+
+    def on_fit_start(self, trainer, model, state):
+        assert isinstance(state, TrainState) and next(model.parameters()).device.type == trainer.device.type
+        self.seen.append((trainer.out_dir, trainer.cfg.max_epochs, trainer.rank, trainer.world_size, trainer.is_main))
+        self.events.append(("fit_start", state.step))
+
+    def on_step_start(self, trainer, model, state):
+        assert model.training
+        self.events.append(("step_start", state.step))
+
+    def on_step_end(self, trainer, model, state, record):
+        self.records.append(record)
+        self.events.append(("step_end", state.step))
+
+    def on_evaluate(self, trainer, model, state, metrics):
+        self.evaluations.append(dict(metrics))
+        self.events.append(("evaluate", state.step))
+
+    def on_epoch_end(self, trainer, model, state):
+        self.events.append(("epoch_end", state.epoch, state.step))
+
+    def on_fit_end(self, trainer, model, metrics):
+        self.events.append(("fit_end", metrics["steps"]))
+
+
+def _epoch(epoch, first, last):
+    """The hook calls of one evaluated epoch whose steps are ``first..last-1``."""
+    steps = [e for s in range(first, last) for e in (("step_start", s), ("step_end", s + 1))]
+    return [*steps, ("evaluate", last), ("epoch_end", epoch, last)]
+
+
+TINY = dict(n=48, max_epochs=2, checkpoint_every_steps=None)  # 3 steps an epoch, 6 in all
+
+
+def test_callbacks_fire_in_order_with_the_step_numbers(tmp_path):
+    rec = Recorder()
+    metrics, _ = fit(tmp_path / "cb", callbacks=[rec], **TINY)
+    assert rec.events == [("fit_start", 0), *_epoch(0, 0, 3), *_epoch(1, 3, 6), ("fit_end", 6)]
+    assert rec.seen == [(tmp_path / "cb", 2, 0, 1, True)]
+    # a record for every step, logged or not; the logged ones are the history's lines
+    assert [r["step"] for r in rec.records] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "task_loss", "lr", "grad_norm", "aux_load", "batch_mean"} <= r.keys() for r in rec.records)
+    history = [json.loads(line) for line in (tmp_path / "cb" / "history.jsonl").read_text().splitlines()]
+    assert [h for h in history if not h.get("end_of_epoch")] == [r for r in rec.records if r["step"] % 2 == 0]
+    assert [e["test_acc"] for e in rec.evaluations] == [h["test_acc"] for h in history if h.get("end_of_epoch")]
+    # reading every step changes nothing: the same run without callbacks ends the same
+    plain, _ = fit(tmp_path / "plain", **TINY)
+    assert {k: plain[k] for k in FINAL} == {k: metrics[k] for k in FINAL}
+    assert (tmp_path / "plain" / "history.jsonl").read_text().count("\n") == len(history)
+
+
+def test_on_step_end_gets_no_record_for_a_skipped_step(tmp_path):
+    rec = Recorder()
+    metrics, _ = fit(tmp_path, model=TinyMoENet(router=NaNLoadRouter), skip_nonfinite=True, callbacks=[rec], **TINY)
+    assert metrics["skipped_steps"] == 4  # the 3rd training forward on is NaN
+    assert [r is None for r in rec.records] == [False, False, True, True, True, True]
+
+
+def _crash_at(call):
+    """``loss_fn`` that dies on its ``call``-th call (step ``call - 1``)."""
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise _Crash
+        return loss_fn(model, batch)
+
+    return crashing
+
+
+def test_a_resumed_run_calls_back_from_the_checkpoint_step(tmp_path):
+    crashed, resumed = Recorder(), Recorder()
+    with pytest.raises(_Crash):  # checkpoints at steps 2, 3 (end of epoch 0) and 4; dies in step 5
+        fit(tmp_path, loss=_crash_at(6), callbacks=[crashed], **{**TINY, "checkpoint_every_steps": 2})
+    assert crashed.events[0] == ("fit_start", 0) and crashed.events[-1] == ("step_start", 5)
+    metrics, _ = fit(tmp_path, resume=True, callbacks=[resumed], **{**TINY, "checkpoint_every_steps": 2})
+    assert resumed.events == [("fit_start", 4), ("step_start", 4), ("step_end", 5), ("step_start", 5), ("step_end", 6),
+                              ("evaluate", 6), ("epoch_end", 1, 6), ("fit_end", 6)]
+    assert metrics["steps"] == 6
+    finished = Recorder()  # resuming a finished run: nothing to train, its last evaluation is current
+    fit(tmp_path, resume=True, callbacks=[finished], **TINY)
+    assert finished.events == [("fit_start", 6), ("fit_end", 6)]
+
+
+class AddKeys(Callback):
+    def on_fit_end(self, trainer, model, metrics):
+        # called before metrics.json is written (this run directory is fresh)
+        self.file_existed = (trainer.out_dir / "metrics.json").exists()
+        metrics["note"] = {"steps_seen": metrics["steps"]}
+        metrics["test_acc_pct"] = 100 * metrics["test_acc"]
+
+
+def test_keys_added_at_fit_end_are_written_once_and_returned(tmp_path, monkeypatch):
+    writes = []
+
+    def counting_write(path, obj):
+        writes.append(path.name)
+        write_json_atomic(path, obj)
+
+    monkeypatch.setattr(core.engine.loop, "write_json_atomic", counting_write)
+    cb = AddKeys()
+    metrics, _ = fit(tmp_path, callbacks=[Callback(), cb], **TINY)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert cb.file_existed is False and writes == ["metrics.json"]
+    assert saved["note"] == metrics["note"] == {"steps_seen": 6}
+    assert saved["test_acc_pct"] == metrics["test_acc_pct"] == pytest.approx(100 * saved["test_acc"])
+    assert list(saved) == list(metrics)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_write_json_atomic_replaces_the_file_in_one_step(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and path.read_text().endswith("}\n")
+
+    def power_cut(fd):
+        raise OSError("simulated crash before the data reached the disk")
+
+    monkeypatch.setattr(core.engine.records.os, "fsync", power_cut)
+    with pytest.raises(OSError):
+        write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole
 
 
 def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):

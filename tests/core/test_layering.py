@@ -52,9 +52,9 @@ def core_import_graph() -> dict[str, set[str]]:
     graph = {}
     for p in files:
         name = _module_name(p)
-        # importing a submodule loads its packages first: that is Python's mechanics, not a dependency
-        # of the design (a package __init__ that imports its submodules is counted)
-        graph[name] = {m for m in _imports(p, modules) if m != name and not name.startswith(m + ".")}
+        # every edge counts, package __init__ re-exports included: a module inside core that imports
+        # the package ``core`` itself depends on everything the package re-exports
+        graph[name] = _imports(p, modules) - {name}
     return graph
 
 

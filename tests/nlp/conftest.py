@@ -1,5 +1,5 @@
 """Helpers for the language-model tests: tiny models over any ``conf/router`` config, and the
-composed ``conf/nlp.yaml`` shrunk by the ``debug`` overlay."""
+composed ``conf/nlp/train.yaml`` shrunk by the ``debug`` overlay."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import functools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from nlp.models import MoETransformerLM
-from tests.conftest import CONF_DIR, make_router_partial, router_names
+from tests.conftest import compose, make_router_partial, router_names
 
 VOCAB, SEQ = 40, 16
 
@@ -35,9 +33,8 @@ def causal_router_names() -> list[str]:
 
 
 def compose_nlp(*overrides: str):
-    """``conf/nlp.yaml`` composed with the debug overlay and the given overrides."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("nlp", overrides=["debug=default", *overrides])
+    """``conf/nlp/train.yaml`` composed with the debug overlay and the given overrides."""
+    return compose("nlp", "debug=default", *overrides)
 
 
 @pytest.fixture

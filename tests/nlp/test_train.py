@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import core
 from nlp.generate import generate_text, load_model
 from nlp.generate import main as generate_main
-from nlp.train import build_model, router_label, train
+from core.run import router_label, train, with_default_router
+from nlp.train import LanguageModelTask, build_model
 from tests.conftest import make_router_partial
 from tests.nlp.conftest import SEQ, VOCAB, causal_router_names, compose_nlp, tiny_lm
 
@@ -94,7 +95,7 @@ def test_adamoe_run_reports_true_experts_and_flop_ratio(tmp_path):
 
 
 def test_dense_baseline_and_noncausal_label(tmp_path):
-    dense = train(compose_nlp("model=nlp/tiny_dense", "trainer.max_steps=3", f"output_dir={tmp_path / 'dense'}"))
+    dense = train(compose_nlp("model=tiny_dense", "trainer.max_steps=3", f"output_dir={tmp_path / 'dense'}"))
     assert dense["router"] == "none" and dense["params_active"] == dense["params_total"]
     assert "analysis" not in dense and not (tmp_path / "dense" / "analysis.json").exists()
     with pytest.raises(ValueError, match="not causal"):
@@ -104,10 +105,13 @@ def test_dense_baseline_and_noncausal_label(tmp_path):
     assert ec["router"] == "expert_choice (non-causal)" and ec["causal"] is False
 
 
+def _label(*overrides: str) -> str:
+    cfg = compose_nlp(*overrides)
+    default = with_default_router(cfg)
+    return router_label(cfg, build_model(cfg, VOCAB), LanguageModelTask(), default)
+
+
 def test_row_labels_name_the_router_and_the_expert_form():
-    cfg = compose_nlp("model=nlp/tiny_lora")
-    assert router_label(cfg, build_model(cfg, VOCAB)) == "mixtral (lora experts)"
-    cfg = compose_nlp("+router=switch")  # no Hydra runtime here: the router's module names it
-    assert router_label(cfg, build_model(cfg, VOCAB)) == "switch"
-    cfg = compose_nlp("+router=soft", "model.allow_noncausal_routing=true", "router_name=soft_moe")
-    assert router_label(cfg, build_model(cfg, VOCAB)) == "soft_moe (non-causal)"
+    assert _label("model=tiny_lora") == "mixtral (lora experts)"
+    assert _label("+router=switch") == "switch"  # no Hydra runtime here: the router's module names it
+    assert _label("+router=soft", "model.allow_noncausal_routing=true", "router_name=soft_moe") == "soft_moe (non-causal)"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
+
+from tests.conftest import compose
 
 
 def compose_vision(*overrides: str):
-    """``conf/vision.yaml`` with ``debug=default`` (digits, a 2-block width-32 V-MoE) plus overrides."""
-    with initialize_config_module("conf", version_base="1.3"):
-        return compose("vision", overrides=["debug=default", *overrides])
+    """``conf/vision/train.yaml`` with ``debug=default`` (digits, a 2-block width-32 V-MoE) plus overrides."""
+    return compose("vision", "debug=default", *overrides)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vision.train import build_model, router_name, summary, train, validate_config
+from core.run import check_config, router_label, summary, train, with_default_router
+from vision.train import VisionTask, build_model
 from tests.conftest import kill_at_first_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,6 +26,14 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+DIGITS = type("D", (), {"img_size": 8, "in_chans": 1, "num_classes": 10})()
+
+
+def router_name(cfg) -> str:
+    default = with_default_router(cfg)
+    return router_label(cfg, build_model(cfg, DIGITS), VisionTask(), default)
+
+
 def test_debug_run_writes_metrics_naming_its_router(vision_cfg, tmp_path):
     metrics = train(vision_cfg())
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -35,21 +44,22 @@ def test_debug_run_writes_metrics_naming_its_router(vision_cfg, tmp_path):
     assert saved["params_active"] < saved["params_total"]
     assert saved["load_cv2"] is not None and 0 <= saved["dropped_fraction"] < 1
     assert (tmp_path / "history.jsonl").is_file() and (tmp_path / "config.yaml").is_file()
-    text = summary(saved)
+    text = summary({**saved, "run_dir": tmp_path}, VisionTask())
     assert "test accuracy" in text and "images/s" in text and "CV²" in text and "active" in text
+    assert text.splitlines()[-1].split() == ["run", "directory", str(tmp_path)]
 
 
 def test_router_override_and_dense_baseline(vision_cfg):
     cfg = vision_cfg("+router=expert_choice")
     assert router_name(cfg) == "expert_choice"
-    model = build_model(cfg, type("D", (), {"img_size": 8, "in_chans": 1, "num_classes": 10})())
+    model = build_model(cfg, DIGITS)
     assert type(model.blocks[1].mlp.router).__name__ == "ExpertChoiceRouter"
     dense_cfg = vision_cfg("model.moe=false", "trainer.max_steps=3")
     assert router_name(dense_cfg) == "none"
     metrics = train(dense_cfg)
     assert metrics["router"] == "none" and metrics["params_active"] == metrics["params_total"]
     assert metrics["load_cv2"] is None
-    assert vision_cfg("model=vision/vit_tiny").model.moe is False
+    assert vision_cfg("model=vit_tiny").model.moe is False
 
 
 def test_same_seed_same_metrics(vision_cfg, tmp_path):
@@ -70,7 +80,7 @@ def test_same_seed_same_metrics(vision_cfg, tmp_path):
 ])
 def test_bad_config_is_refused_before_training(vision_cfg, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        validate_config(vision_cfg(override))
+        check_config(vision_cfg(override), VisionTask())
     assert not (tmp_path / "history.jsonl").exists()
 
 

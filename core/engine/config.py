@@ -1,0 +1,131 @@
+"""The trainer's settings (``TrainerConfig``), seeding and the device choice."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from core.checks import check_int
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Everything the loop needs; the keys of ``conf/trainer/default.yaml``.
+
+    Args:
+        max_epochs: passes over the training data.
+        max_steps: stop after this many optimizer steps in total (None: no limit).
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        weight_decay: AdamW decoupled weight decay (matrices only).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warmup steps (None: ``warmup_fraction`` of the total).
+        warmup_fraction: warmup as a fraction of the total steps when ``warmup_steps`` is None.
+        grad_clip: clip the global gradient norm to this (None or 0: no clipping).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` / ``cuda:N``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        resume: continue from the run directory's checkpoints; or a path to a run directory or file.
+        skip_nonfinite: skip an optimizer step whose loss or gradient is not finite instead of stopping.
+        checkpoint: write checkpoints at the end of every epoch (and every ``checkpoint_every_steps``).
+        checkpoint_every_steps: also checkpoint inside an epoch every this many steps (None: never).
+        log_every_steps: one ``history.jsonl`` line per this many steps (epoch lines always).
+        eval_every_epochs: evaluate every this many epochs (the final state is always evaluated).
+        progress: tqdm bar: ``auto`` (only on a terminal), true or false.
+        save_model: write the final weights as a plain state dict, ``<out_dir>/model.pt`` (e.g. the
+            dense model that ``upcycle_from=`` starts an MoE from).
+        expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
+            (``core.distributed.shard_experts``); False: every rank holds every expert (plain data
+            parallelism). No effect in one process.
+    """
+
+    max_epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: Sequence[float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.05
+    grad_clip: float | None = 1.0
+    device: str = "auto"
+    precision: str = "auto"
+    resume: bool | str = False
+    skip_nonfinite: bool = False
+    checkpoint: bool = True
+    checkpoint_every_steps: int | None = None
+    log_every_steps: int = 50
+    eval_every_epochs: int = 1
+    progress: bool | str = "auto"
+    save_model: bool = True
+    expert_parallel: bool = False
+
+    def __post_init__(self):
+        check_int("trainer.max_epochs", self.max_epochs, 1)
+        if self.max_steps is not None:
+            check_int("trainer.max_steps", self.max_steps, 1)
+        for key in ("lr", "min_lr", "weight_decay", "eps", "warmup_fraction"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"trainer.{key}={v!r} is not allowed: it must be a finite number >= 0.")
+        if not self.lr > 0:
+            raise ValueError(f"trainer.lr={self.lr!r} is not allowed: it must be > 0.")
+        if self.warmup_fraction >= 1:
+            raise ValueError(f"trainer.warmup_fraction={self.warmup_fraction!r} is not allowed: it must be in [0, 1).")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"trainer.betas={list(self.betas)!r} is not allowed: two numbers in [0, 1).")
+        if self.warmup_steps is not None:
+            check_int("trainer.warmup_steps", self.warmup_steps, 0)
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
+            raise ValueError(f"trainer.grad_clip={self.grad_clip!r} is not allowed: a number >= 0 or null.")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"trainer.device={self.device!r} is not allowed: use auto, cpu, cuda or cuda:N.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"trainer.precision={self.precision!r} is not allowed: use auto, fp32 or bf16.")
+        if self.checkpoint_every_steps is not None:
+            check_int("trainer.checkpoint_every_steps", self.checkpoint_every_steps, 1)
+        check_int("trainer.log_every_steps", self.log_every_steps, 1)
+        check_int("trainer.eval_every_epochs", self.eval_every_epochs, 1)
+        if self.progress not in ("auto", True, False):
+            raise ValueError(f"trainer.progress={self.progress!r} is not allowed: use auto, true or false.")
+        if not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"trainer.expert_parallel={self.expert_parallel!r} is not allowed: use true or false.")
+        self.betas = tuple(float(b) for b in self.betas)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping) -> "TrainerConfig":
+        """Build from a dict-like config, rejecting unknown keys with the list of allowed ones."""
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(f"trainer.{unknown[0]} is not a trainer key: allowed keys are {sorted(allowed)}.")
+        return cls(**dict(cfg))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (seed, epoch, batch...), stable across processes."""
+    digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={device!r} is not allowed here: no CUDA device is available; use auto or cpu.")
+    return torch.device(device)
