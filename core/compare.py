@@ -23,13 +23,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# Task-quality metric per domain: candidates in order, and whether higher is better.
-QUALITY = {
-    "vision": (["test_acc"], True),
-    "recsys": (["test_auc_mean", "test_mse_mean", "val_auc_mean", "val_mse_mean"], None),
-    "multimodal": (["zeroshot_acc", "val_i2t_r1", "val_t2i_r1"], True),
-    "nlp": (["val_ppl", "val_perplexity"], False),
-}
 # Columns shown for every domain after the quality metric: (metrics.json key, header, format).
 COMMON = [
     ("examples_per_s", "ex/s", "{:.0f}"),
@@ -62,17 +55,20 @@ def find_runs(paths: list[str | Path]) -> list[dict]:
 
 
 def quality_key(domain: str, runs: list[dict]) -> tuple[str | None, bool]:
-    """The quality metric present in this domain's runs and whether higher is better."""
-    candidates, higher = QUALITY.get(domain, ([], True))
+    """The quality metric of this domain's runs and whether higher is better: what the runs recorded
+    (``metric``, ``higher_is_better``), else the domain task's headline metric (``core.run``'s
+    registry) when the runs have it."""
     for run in runs:
-        if isinstance(run.get("primary_metric"), str):
-            key = run["primary_metric"]
-            return key, bool(run.get("primary_metric_higher_is_better", True))
-    for key in candidates:
-        if any(isinstance(r.get(key), (int, float)) for r in runs):
-            if higher is None:
-                higher = "auc" in key or "acc" in key
-            return key, higher
+        if isinstance(run.get("metric"), str):
+            return run["metric"], bool(run.get("higher_is_better", True))
+    try:
+        from core.run import task_class
+
+        task = task_class(domain)
+    except (ValueError, ImportError):
+        return None, True
+    if any(isinstance(r.get(task.metric), (int, float)) for r in runs):
+        return task.metric, task.higher_is_better
     return None, True
 
 

@@ -6,8 +6,8 @@ serve and its routing time relative to ``topk`` on the same input.
 
 Family: ``family`` declared by the router class, else read off one routing (soft, merging, expert
 choice when every expert fills exactly its capacity, dense when every token uses every expert,
-token choice otherwise). Domains: vision, recsys and multimodal take any router that does not need
-token ids; nlp takes a router only when it is causal (``is_causal``), and hash routing only there.
+token choice otherwise). Domains: those of ``core.run``'s registry whose task accepts the router (a
+domain without token ids refuses hash routing; a causal one, nlp, refuses routers that are not causal).
 Timing: the router's forward alone (no experts), training mode (the routing used in training,
 with its noise and auxiliary losses), under ``torch.no_grad``; the eval column routes in eval mode.
 
@@ -27,7 +27,6 @@ from core.routers.base import Router
 from core.routing import Routing
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-DOMAINS = ("vision", "recsys", "multimodal", "nlp")
 
 
 def router_names(conf_dir: Path = CONF_DIR) -> list[str]:
@@ -65,9 +64,10 @@ def infer_family(router: Router, routing: Routing) -> str:
 
 
 def domains(router: Router) -> list[str]:
-    if router.needs_token_ids:
-        return ["nlp"] if router.is_causal else []
-    return [d for d in DOMAINS if d != "nlp" or router.is_causal]
+    """The registered domains whose task accepts this router (``core.run.Task.accepts``)."""
+    from core.run import task_classes
+
+    return [name for name, task in task_classes().items() if task.accepts(router)]
 
 
 def _route_once(router: Router, x_GSD: torch.Tensor, kwargs: dict) -> tuple[float, Routing]:

@@ -112,6 +112,8 @@ class Task:
       comparison tables' quality column);
     - ``unit``: what an example is (``image``, ``example``, ``pair``, ``sequence``), for the summary;
     - ``active_per``: what ``params_active`` is counted per (default: ``unit``; ``token`` in nlp);
+    - ``token_ids``: the models give their MoE layers token ids (so routers that need them apply);
+    - ``causal``: routing must not look at later tokens (a language model);
     - ``not_applicable``: the domain's own exception types meaning "this router cannot serve here"
       (an ``n/a`` row in a sweep), besides ``core.checks.NotApplicableError``.
     """
@@ -121,7 +123,17 @@ class Task:
     higher_is_better: ClassVar[bool] = True
     unit: ClassVar[str] = "example"
     active_per: ClassVar[str] = ""
+    token_ids: ClassVar[bool] = False
+    causal: ClassVar[bool] = False
     not_applicable: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    @classmethod
+    def accepts(cls, router: Router | type[Router]) -> bool:
+        """Whether routers of this class can serve this domain (token ids, causality)."""
+        router_cls = router if isinstance(router, type) else type(router)
+        if router_cls.needs_token_ids and not cls.token_ids:
+            return False
+        return not cls.causal or (router.is_causal if isinstance(router, Router) else router_cls.token_local)
 
     def validate(self, cfg: DictConfig) -> int | None:
         """Check the domain's keys before any data is read (raise ``ConfigError`` naming the key);

@@ -66,6 +66,7 @@ class LanguageModelTask(Task):
     """Causal language modelling: validation perplexity (lower is better)."""
 
     name, metric, higher_is_better, unit, active_per = "nlp", "val_ppl", False, "sequence", "token"
+    token_ids, causal = True, True
     not_applicable = (NonCausalRoutingError,)
 
     def validate(self, cfg: DictConfig) -> int | None:
@@ -194,7 +195,7 @@ def validate_config(cfg: DictConfig) -> int | None:
         return None
     check_int("model.num_experts", m.num_experts)
     check_int("model.moe_group_size", m.get("moe_group_size"), optional=True)
-    check_router(m.get("router"), m.num_experts, key="router", domain="nlp", token_ids=True,
+    check_router(m.get("router"), m.num_experts, key="router", domain="nlp", token_ids=LanguageModelTask.token_ids,
                  group_size=m.get("moe_group_size") or d.seq_len,
                  group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len", seq_len=d.seq_len,
                  expert_parallel=cfg.trainer.get("expert_parallel") is True)
