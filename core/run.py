@@ -376,7 +376,7 @@ def _not_applicable(cfg: DictConfig, task: Task, err: BaseException) -> None:
     router = cfg.get("router_name") or hydra_choice("router")
     if not router and OmegaConf.is_dict(cfg.get("router")):
         router = str(cfg.router.get("_target_", "custom")).rsplit(".", 2)[-2]
-    record = {"domain": task.name, "router": router, "model": hydra_choice("model"), "status": "n/a",
+    record = {"domain": task.name, "router": router, "model": cfg.get("model_name") or hydra_choice("model"), "status": "n/a",
               "reason": str(err)}
     write_json_atomic(out / "metrics.json", record)
     print(f"n/a: {err}", file=sys.stderr, flush=True)

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import core
 from core.routers.dense import DenseRouter
 from recsys.data import make_batch, random_multitask
 from recsys.models import CGC, ESMM, MMoE, OMoE, PLE, MultiGateMixture, SharedBottom, SingleTask, gate_stats
-from recsys.train import build_model, make_loss_fn
-from tests.conftest import CONF_DIR
+from recsys.training import build_model, make_loss_fn
+from tests.conftest import compose
 
 MODEL_NAMES = ["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm"]
 
 
 def compose_recsys(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="recsys", overrides=list(overrides))
+    return compose("recsys", *overrides)
 
 
 def _full_batch(split):

@@ -1,34 +1,34 @@
-"""recsys.train end to end on the real configs (debug budget): metrics.json names the router and
-holds per-task metrics; the synthetic experiment's sweep; the summary table."""
+"""recsys.train end to end on the real configs (debug budget, ``core.run.train`` with ``RecsysTask``):
+metrics.json names the router and holds per-task metrics and the headline metric; the synthetic
+experiment's sweep; the summary table."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
+from core.checks import ConfigError
+from core.run import train
 from recsys.summarize import collect, table
-from recsys.train import train
-from tests.conftest import CONF_DIR
+from recsys.train import RecsysTask
+from recsys.training import build_dataset
+from tests.conftest import CONF_DIR, compose
 
 
 def _compose(*overrides: str, hydra_config: bool = False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="recsys", overrides=list(overrides), return_hydra_config=hydra_config)
+    return compose("recsys", *overrides, return_hydra_config=hydra_config)
 
 
 def test_mmoe_on_adult_with_topk_gates_writes_metrics(tmp_path):
     """The command of the issue, ``model=mmoe data=adult +router=topk``, at the debug budget."""
-    cfg = _compose("model=mmoe", "data=adult", "+router=topk", "debug=default", f"out_dir={tmp_path}",
+    cfg = _compose("model=mmoe", "data=adult", "+router=topk", "debug=default", f"output_dir={tmp_path}",
                    "router_name=topk", "model_name=mmoe", "trainer.lr=1e-2", "data.limit_train=2048",
                    "trainer.max_steps=60")
     assert cfg.model.gate._target_ == "core.routers.topk.TopKRouter"
-    metrics = train(cfg)
+    metrics = train(cfg, RecsysTask())
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["router"] == "topk" and saved["model"] == "mmoe" and saved["data"] == "adult"
+    assert saved["metric"] == "test_auc_mean" and saved["higher_is_better"] is True    # binary tasks
     for split in ("val", "test"):
         for task in ("income", "never_married"):
             assert 0.7 < saved[f"{split}_{task}_auc"] <= 1.0      # well above chance after 60 steps
@@ -42,25 +42,29 @@ def test_mmoe_on_adult_with_topk_gates_writes_metrics(tmp_path):
 
 
 def test_default_gate_is_dense_and_synthetic_reports_mse(tmp_path):
-    cfg = _compose("model=omoe", "data=synthetic", "debug=default", f"out_dir={tmp_path}")
-    assert cfg.model.gate is None
-    metrics = train(cfg)
+    cfg = _compose("model=omoe", "data=synthetic", "debug=default", f"output_dir={tmp_path}")
+    assert cfg.model.gate is None and cfg.model.default_router == "dense"   # no +router: the model's default
+    metrics = train(cfg, RecsysTask())
+    assert cfg.model.gate._target_ == "core.routers.dense.DenseRouter"   # conf/router/dense.yaml, put in by core.run
     assert metrics["router"] == "dense"
+    assert metrics["metric"] == "test_mse_mean" and metrics["higher_is_better"] is False   # regression tasks
     assert metrics["test_task1_mse"] > 0 and metrics["test_mse_mean"] > 0
     assert metrics["data_info"]["correlation"] == 1.0
 
 
 @pytest.mark.parametrize("model", ["ple", "esmm"])
 def test_movielens_trains(tmp_path, model):
-    cfg = _compose(f"model={model}", "data=movielens", "debug=default", f"out_dir={tmp_path}")
-    metrics = train(cfg)
+    cfg = _compose(f"model={model}", "data=movielens", "debug=default", f"output_dir={tmp_path}")
+    metrics = train(cfg, RecsysTask())
     assert 0.0 <= metrics["test_like_auc"] <= 1.0 and 0.0 <= metrics["test_love_auc"] <= 1.0
 
 
 def test_census_kdd_without_path_fails_clearly(tmp_path):
-    cfg = _compose("data=census_kdd", "debug=default", f"out_dir={tmp_path}")
-    with pytest.raises(FileNotFoundError, match="data.path"):
-        train(cfg)
+    cfg = _compose("data=census_kdd", "debug=default", f"output_dir={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="data.path"):   # the loader's own check
+        build_dataset(cfg)
+    with pytest.raises(ConfigError, match="data.path"):         # a run stops at validation, before the data
+        train(cfg, RecsysTask())
 
 
 def test_mmoe_synthetic_experiment_is_the_papers_sweep():
