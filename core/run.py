@@ -8,7 +8,9 @@ In order, before any data is read:
    becomes the run's ``router`` node, so the recorded config always holds the router that ran;
 2. **validation**: the task's checks (``Task.validate``), then the shared ones: seed, threads, the
    trainer keys against the model's experts;
-3. **the run directory** (``output_dir``, else Hydra's) and its ``config.yaml``.
+3. **the run directory** (``output_dir``, else Hydra's): a new run refuses one that holds another
+   run's work, a resume needs a readable checkpoint whose recorded config differs only in keys safe
+   to change, and a lock keeps a second process out (``core.rundir``); then its ``config.yaml``.
 
 Then: the global RNGs seeded and the data read (``Task.load_data``), the RNGs seeded again and the
 model, loaders, loss and evaluation built (``Task.build``), the engine trained (``core.engine``),
@@ -59,6 +61,7 @@ from core.distributed import is_main_process
 from core.engine import (Callback, NonFiniteLossError, Trainer, batch_size_of, seed_everything, write_json_atomic,
                          write_text_atomic)
 from core.routers.base import Router
+from core.rundir import RunLock, check_fresh_directory, readable_checkpoint, resume_changes
 from core.runs import hydra_choice, run_dir
 from core.validate import check_trainer
 
@@ -242,6 +245,7 @@ class Prepared:
     task_run: TaskRun
     trainer: Trainer
     restore_threads: int | None = None
+    lock: RunLock | None = None
 
 
 def check_config(cfg: DictConfig, task: Task):
@@ -255,34 +259,51 @@ def check_config(cfg: DictConfig, task: Task):
     return check_trainer(cfg.trainer, num_experts)
 
 
+def _output_key(cfg: DictConfig) -> str:
+    return "output_dir" if cfg.get("output_dir") else "hydra.run.dir"
+
+
 def prepare(cfg: DictConfig, task: Task) -> Prepared:
     """Everything that can fail because of the config: the default router, validation, the run
-    directory and its ``config.yaml``, the data, the model and the trainer."""
+    directory (its ownership, its lock, a resume's checkpoint and config) and its ``config.yaml``, the
+    data, the model and the trainer."""
     default = with_default_router(cfg)
     trainer_cfg = check_config(cfg, task)
-    out_dir = run_dir(cfg.get("output_dir"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    out_dir, key = run_dir(cfg.get("output_dir")), _output_key(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    changes = {}
+    if trainer_cfg.resume:
+        _, checkpoint = readable_checkpoint(trainer_cfg.resume, out_dir)
+        changes = resume_changes(checkpoint.get("config"), resolved)
+        del checkpoint
+    else:
+        check_fresh_directory(out_dir, key)
+    lock = RunLock(out_dir, key).acquire() if is_main_process() else None
     restore = None
-    if cfg.get("threads"):  # small models: one thread per run avoids oversubscription when runs share a machine
-        restore = torch.get_num_threads()
-        torch.set_num_threads(int(cfg.threads))
     try:
+        if is_main_process():
+            write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.get("threads"):  # small models: one thread per run avoids oversubscription when runs share a machine
+            restore = torch.get_num_threads()
+            torch.set_num_threads(int(cfg.threads))
         seed_everything(int(cfg.seed))
         data = task.load_data(cfg)
         seed_everything(int(cfg.seed))
         task_run = task.build(cfg, data)
         info = {"domain": task.name, "router": router_label(cfg, task_run.model, task, default),
                 **task_run.info, "metric": task.metric, "higher_is_better": task.higher_is_better}
-        trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info)
+        if changes:  # what this resume changed, for the record
+            info["resume_changes"] = {k: list(v) for k, v in changes.items() if k != "trainer.resume"}
+        trainer = Trainer(trainer_cfg, out_dir, seed=int(cfg.seed), info=info, run_config=resolved)
     except BaseException:
         if restore is not None:
             torch.set_num_threads(restore)
+        if lock is not None:
+            lock.release()
         raise
     n_params = sum(p.numel() for p in task_run.model.parameters())
     log.info("%s: model=%s router=%s, %.3fM parameters", task.name, info.get("model"), info["router"], n_params / 1e6)
-    return Prepared(cfg, task, task_run, trainer, restore)
+    return Prepared(cfg, task, task_run, trainer, restore, lock)
 
 
 class _Finish(Callback):
@@ -305,6 +326,8 @@ def fit(p: Prepared) -> dict:
     finally:
         if p.restore_threads is not None:
             torch.set_num_threads(p.restore_threads)
+        if p.lock is not None:
+            p.lock.release()
 
 
 def train(cfg: DictConfig, task: Task | None = None) -> dict:
@@ -372,6 +395,7 @@ def _fail(err: BaseException, code: int) -> None:
 
 def _not_applicable(cfg: DictConfig, task: Task, err: BaseException) -> None:
     out = run_dir(cfg.get("output_dir"))
+    check_fresh_directory(out, _output_key(cfg))  # an n/a record never replaces an earlier run's work
     out.mkdir(parents=True, exist_ok=True)
     router = cfg.get("router_name") or hydra_choice("router")
     if not router and OmegaConf.is_dict(cfg.get("router")):
@@ -395,7 +419,10 @@ def run(cfg: DictConfig, task: Task) -> Any:
         # a ConfigError that is not a NotApplicableError always stops: the sweep's shared config is at fault
         na = isinstance(err, na_types) and (isinstance(err, NotApplicableError) or not isinstance(err, ConfigError))
         if na and is_multirun():
-            _not_applicable(cfg, task, err)
+            try:
+                _not_applicable(cfg, task, err)
+            except ConfigError as taken:
+                _fail(taken, CONFIG_ERROR_EXIT)
             return None
         _fail(err, CONFIG_ERROR_EXIT)
     try:

@@ -1,7 +1,7 @@
 """Checks of a composed run config, shared by the four domains; run before any data is read.
 
 Every check raises ``ConfigError`` (a ``ValueError``) naming the config key, its value and what is
-allowed, e.g. ``trainer.lr=-1.0 is not allowed: it must be > 0.``; ``core.cli.run_main`` prints that
+allowed, e.g. ``trainer.lr=-1.0 is not allowed: it must be > 0.``; ``core.run.run`` prints that
 one line and exits with status 2. The domains add their own checks (``<domain>.train.validate_config``)
 and call the shared ones: the trainer keys (``check_trainer``), the router against the model's
 number of experts (``check_router``), expert parallelism (``check_expert_parallel``), input files.

@@ -81,13 +81,17 @@ class Trainer:
         out_dir: run directory for ``metrics.json``, ``history.jsonl`` and ``checkpoints/``.
         seed: the run's seed (data order, augmentation; global RNGs are seeded by the caller).
         info: constant fields copied into ``metrics.json`` (domain, router, model...).
+        run_config: the resolved config of the whole run, kept in every checkpoint so that a resumed
+            run can be checked against it (``core.rundir``).
     """
 
-    def __init__(self, config: TrainerConfig, out_dir: str | os.PathLike, seed: int = 0, info: Mapping | None = None):
+    def __init__(self, config: TrainerConfig, out_dir: str | os.PathLike, seed: int = 0, info: Mapping | None = None,
+                 run_config: Mapping | None = None):
         self.cfg = config
         self.out_dir = Path(out_dir)
         self.seed = int(seed)
         self.info = dict(info or {})
+        self.run_config = run_config
         self.device = resolve_device(config.device)
         # under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, NCCL on CUDA)
         dist_utils.init_distributed(self.device.type)
@@ -479,6 +483,7 @@ class Trainer:
             "state": dataclasses.asdict(state),
             "trainer": dataclasses.asdict(self.cfg),
             "info": self.info,
+            "config": self.run_config,
         }
         if self.world_size > 1:
             payload["rng_ranks"] = dist_utils.all_gather_object(payload["rng"])
@@ -489,11 +494,9 @@ class Trainer:
         """Model, optimizer, schedule, generators and position from the newest readable checkpoint
         (a fresh state and no history when there is none); history lines after it are dropped."""
         found = find_checkpoint(self.cfg.resume, self.out_dir)
-        if found is None:
-            log.warning("trainer.resume=true but no checkpoint in %s: starting from scratch", self.out_dir / "checkpoints")
-            if self.is_main:
-                self.history_path.unlink(missing_ok=True)
-            return TrainState()
+        if found is None:  # starting over would overwrite the run that was asked for
+            raise ValueError(f"trainer.resume={self.cfg.resume!r}: there is no readable checkpoint in "
+                             f"{self.out_dir / 'checkpoints'}; start a new run without trainer.resume.")
         path, ck = found
         # checkpoints hold every expert: each rank takes its slice, whatever the number of ranks that wrote it
         dist_utils.load_full_state_dict(run.model, ck["model"])

@@ -14,7 +14,7 @@ from core.moe import MoE
 from core.routers.expert_choice import ExpertChoiceRouter
 from core.routers.topk import TopKRouter
 from multimodal import models as M
-from multimodal.train import clip_loss
+from multimodal.training import clip_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

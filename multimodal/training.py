@@ -1,0 +1,180 @@
+"""The multimodal domain's training pieces: config checks, the contrastive loss, the evaluation and
+the loaders (``multimodal.train.MultimodalTask`` puts them together for ``core.run``).
+
+The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE) plus the routers' auxiliary losses (the
+engine adds them; LIMoE's entropy terms sit on its routers). Evaluation, written to ``metrics.json``:
+
+- ``val_*``: held-out pairs (no image of them was trained on): contrastive loss over the whole
+  held-out set, image→text and text→image recall@1/@5, expert usage per modality and the share of
+  text (image) assignments that go to the most used expert (1/E balanced, 1.0 collapsed);
+- ``zeroshot_acc``: Fashion-MNIST test accuracy from class-name prompts (prompt-ensembled, Radford
+  et al., ICML 2021);
+- ``mix_*`` (MoE models): routing by modality on held-out pairs of every training source in their
+  training proportions (retrieval is not scored there: Fashion-MNIST captions repeat).
+
+LIMoE runs also log the per-modality top-expert shares of every training batch to ``history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from open_clip.loss import ClipLoss
+
+from core.checks import ConfigError, check_int, check_readable_dir, check_target
+from core.validate import check_router
+from multimodal.data import MultimodalData, labelled_loader, pair_loader
+from multimodal.models import LIMoE, modality_usage, reset_modality_usage
+
+__all__ = ["build_loaders", "clip_loss", "context_length", "is_moe", "make_evaluate", "recall_at_k",
+           "validate_config"]
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
+SOURCES = ("openmoji", "fashion_mnist")
+
+_clip_loss = ClipLoss()
+
+
+def validate_config(cfg: DictConfig) -> int | None:
+    """Check ``cfg`` (``conf/multimodal/train.yaml``) before any data is read or model built: the model
+    target, architecture name and image size, the router, the data sources and sizes; raises
+    ``ConfigError`` naming the key. Returns the experts of a MoE layer (None for the dense CLIP)."""
+    m, d = cfg.model, cfg.data
+    check_target("model._target_", m.get("_target_"), hint=": use model=<name> with a conf/multimodal/model config")
+    if "model_name" in m:
+        names = open_clip.list_models()
+        if m.model_name not in names:
+            local = sorted(n for n in names if n.startswith("mm-"))
+            raise ConfigError("model.model_name", m.model_name,
+                              f"use an open_clip architecture: this project's are {local}")
+        size = (open_clip.get_model_config(m.model_name) or {}).get("vision_cfg", {}).get("image_size")
+        if isinstance(size, int) and d.image_size != size:
+            raise ConfigError("data.image_size", d.image_size, f"model.model_name={m.model_name} takes "
+                              f"{size}x{size} images: set data.image_size={size}")
+    elif "patch_size" in m:
+        check_int("model.patch_size", m.patch_size)
+        check_int("data.image_size", d.image_size)
+        if d.image_size % m.patch_size:
+            raise ConfigError("data.image_size", d.image_size, f"it must be a multiple of "
+                              f"model.patch_size={m.patch_size} (the image is cut into patches)")
+    num_experts = m.get("num_experts")
+    if num_experts is not None:
+        check_int("model.num_experts", num_experts)
+        check_int("model.group_size", m.get("group_size"), optional=True)
+        check_router(m.get("router"), num_experts, key="router", domain="multimodal", group_size=m.get("group_size"),
+                     group_key="model.group_size")
+    for key in ("sources", "val_sources"):
+        for name in d.get(key) or []:
+            if name not in SOURCES:
+                raise ConfigError(f"data.{key}", list(d[key]), f"every source must be one of {list(SOURCES)}")
+    if not d.sources:
+        raise ConfigError("data.sources", [], f"give at least one of {list(SOURCES)}")
+    if d.get("root") is not None:
+        check_readable_dir("data.root", d.root, ": the folder with the Fashion-MNIST IDX .gz files, or null")
+    check_int("data.batch_size", d.batch_size, minimum=2)  # a contrastive batch needs negatives
+    check_int("data.eval_batch_size", d.eval_batch_size)
+    for key in ("limit_train", "limit_eval", "fashion_mnist_train"):
+        check_int(f"data.{key}", d.get(key), optional=True)
+    return num_experts
+
+
+def context_length(m: DictConfig) -> int:
+    """Text tokens per caption of the model config ``m``, without building the model (the data is
+    tokenised first): the open_clip architecture's ``text_cfg``, else LIMoE's ``context_length``."""
+    if "model_name" in m:
+        return int(open_clip.get_model_config(m.model_name)["text_cfg"]["context_length"])
+    return int(m.get("context_length", 32))  # LIMoE's default
+
+
+def is_moe(model: torch.nn.Module) -> bool:
+    from core.moe import MoE
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
+def build_loaders(cfg: DictConfig, data: MultimodalData, routing: bool = True):
+    """The training loader and ``{"val", "zeroshot", "mix"}`` evaluation loaders (``mix``: routing
+    statistics, MoE models only)."""
+    d = cfg.data
+    train_loader = pair_loader(data.train, d.batch_size, train=True)
+    eval_loaders = {"val": pair_loader(data.val, d.eval_batch_size)}
+    if data.zeroshot is not None:
+        eval_loaders["zeroshot"] = labelled_loader(data.zeroshot, d.eval_batch_size)
+    if routing and data.mix is not None:
+        eval_loaders["mix"] = pair_loader(data.mix, d.eval_batch_size, routing_only=True)
+    return train_loader, eval_loaders
+
+
+def clip_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """open_clip's ``ClipLoss`` on one batch; the temperature is clamped first, as CLIP does."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    image_features, text_features, logit_scale = model(batch["image"], batch["text"])
+    logs = {"logit_scale": float(logit_scale.detach())}
+    if isinstance(model, LIMoE):  # routing by modality in this training batch (joint group, noisy router)
+        usage = modality_usage(model)
+        model.modality_tokens_LME.zero_()
+        model.modality_choices_LME.zero_()
+        logs.update({f"{m}_{k}": usage[f"{m}_{k}"] for m in ("image", "text")
+                     for k in ("top_expert_share", "top_choice_share")})
+    return _clip_loss(image_features, text_features, logit_scale), logs
+
+
+def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Recall@k of the matching pair (the diagonal) in each row of a similarity matrix."""
+    target = sim_NN.diagonal()[:, None]
+    rank_N = (sim_NN > target).sum(1)  # ties count in the pair's favour
+    return {f"r{k}": float((rank_N < k).float().mean()) for k in ks}
+
+
+def make_evaluate(class_tokens_CTL: torch.Tensor | None):
+    """``evaluate(model, batches)`` for the engine: retrieval batches (``image``, ``text``) or
+    zero-shot batches (``image``, ``label``) against the class prompts ``class_tokens_CTL``
+    (C classes × T templates × L tokens)."""
+
+    @torch.no_grad()
+    def evaluate(model, batches) -> dict:
+        reset_modality_usage(model)
+        img, txt, labels = [], [], []
+        routing_only = False
+        for batch in batches:
+            routing_only = routing_only or bool(batch.get("routing_only", False))
+            if "text" in batch:
+                i, t, _ = model(batch["image"], batch["text"])
+                img.append(i)
+                txt.append(t)
+            else:
+                img.append(model.encode_image(batch["image"], normalize=True))
+                labels.append(batch["label"])
+        if not img:
+            return {}
+        image_features = torch.cat(img).float()
+        if labels:
+            C, T, L = class_tokens_CTL.shape
+            dev = image_features.device
+            text_CTE = model.encode_text(class_tokens_CTL.reshape(C * T, L).to(dev), normalize=True).view(C, T, -1)
+            classifier_CE = F.normalize(text_CTE.float().mean(1), dim=-1)
+            pred = (image_features @ classifier_CE.T).argmax(-1)
+            return {"acc": float((pred == torch.cat(labels).to(dev)).float().mean())}
+        out = {}
+        if not routing_only:
+            text_features = torch.cat(txt).float()
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            sim = image_features @ text_features.T
+            out["loss"] = float(_clip_loss(image_features, text_features, scale))
+            out.update({f"i2t_{k}": v for k, v in recall_at_k(sim).items()})
+            out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
+        if is_moe(model):
+            usage = modality_usage(model)
+            out["text_top_expert_share"] = usage["text_top_expert_share"]
+            out["image_top_expert_share"] = usage["image_top_expert_share"]
+            for key in ("text_top_choice_share", "image_top_choice_share"):  # LIMoE's collapse measure
+                if usage.get(key) is not None:
+                    out[key] = usage[key]
+            out["expert_usage"] = {m: usage[m] for m in ("image", "text")}
+        return out
+
+    return evaluate
