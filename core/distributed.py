@@ -84,8 +84,9 @@ def get_world_size(group: dist.ProcessGroup | None = None) -> int:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
-    return get_rank() == 0
+    """Rank 0, or the only process: the one that writes files. Before the process group exists, the
+    rank torchrun gave the process (``RANK``)."""
+    return (get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))) == 0
 
 
 def init_distributed(device_type: str = "cpu") -> bool:
