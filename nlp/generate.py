@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from core.engine import load_checkpoint
 from nlp.data import build_tokenizer
-from nlp.train import build_model
+from nlp.training import build_model
 
 __all__ = ["generate_text", "load_model", "main"]
 

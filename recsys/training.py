@@ -65,12 +65,12 @@ def validate_config(cfg: DictConfig) -> int | None:
     for a model without gates); ``core.run`` checks seed, threads and the trainer."""
     m, d = cfg.model, cfg.data
     model_cls = check_target("model._target_", m.get("_target_"), torch.nn.Module,
-                             ": use model=<name> with a conf/model/recsys config")
+                             ": use model=<name> with a conf/recsys/model config")
     counts = _gate_expert_counts(m)
     if counts is not None:
         check_router(m.gate, counts, key="router", domain="recsys")
     check_int("model.embedding_dim", m.get("embedding_dim", 8))
-    check_target("data.dataset._target_", d.dataset.get("_target_"), hint=": use data=<name> with a conf/data/recsys config")
+    check_target("data.dataset._target_", d.dataset.get("_target_"), hint=": use data=<name> with a conf/recsys/data config")
     if "path" in d.dataset:
         check_readable_dir("data.path", d.dataset.path, ": the directory holding the data files "
                            "(census-income.data and census-income.test for census_kdd)")

@@ -114,7 +114,7 @@ def test_rng_states_are_restored_on_resume(tmp_path):
     last = tmp_path / "fresh" / "checkpoints" / "last.ckpt"
     ck = load_checkpoint(last)
     random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    ck["rng"] = engine._rng_state()
+    ck["rng"] = engine.rng_state()
     last.unlink()
     save_checkpoint(last, ck)
     fresh, _ = fit(tmp_path / "fresh", loss=_noisy_loss, resume=True)
@@ -131,7 +131,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tmp_path, monke
     def power_cut(fd):
         raise OSError("simulated crash before the data reached the disk")
 
-    monkeypatch.setattr(engine.os, "fsync", power_cut)
+    monkeypatch.setattr(os, "fsync", power_cut)
     with pytest.raises(OSError):
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path)["step"] == 1

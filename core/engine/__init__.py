@@ -63,10 +63,6 @@ counts), ``loop`` (``Trainer``). Import from ``core.engine``; the modules are it
 
 from __future__ import annotations
 
-# ``os`` stays an attribute of the package (tests patch ``core.engine.os.fsync`` to simulate a crash
-# while a checkpoint is written; it is the one ``os`` module that ``save_checkpoint`` calls)
-import os  # noqa: F401
-
 from core.engine.callbacks import Callback, TrainState
 from core.engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from core.engine.config import TrainerConfig, derive_seed, resolve_device, seed_everything
@@ -79,8 +75,6 @@ from core.engine.records import (
 )
 
 # the names of the one-module engine, for code and tests written against it
-_rng_state, _set_rng_state = rng_state, set_rng_state
-
 __all__ = [
     "Callback", "EvalFn", "LossFn", "NonFiniteLossError", "TensorLoader", "TrainState", "Trainer", "TrainerConfig",
     "append_history", "batch_size_of", "build_optimizer", "build_scheduler", "count_parameters", "derive_seed",
