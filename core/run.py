@@ -19,7 +19,8 @@ summary printed, the same for every domain, ending with the run directory.
 
 Failures read the same in every domain: a config or data problem prints one line,
 ``error: <key>=<value> is not allowed: <what is allowed>``, and exits with status 2 (no traceback;
-``HYDRA_FULL_ERROR=1`` re-raises); a non-finite loss exits with status 1; in a Hydra multirun, a
+``HYDRA_FULL_ERROR=1`` re-raises); a non-finite loss, or a file of the run that cannot be written (a
+full disk: the previous checkpoint stays intact), exits with status 1; in a Hydra multirun, a
 router that cannot serve the domain writes ``metrics.json`` with ``status: n/a`` and the reason, and
 the sweep goes on; anything else is a bug and keeps its traceback. Under torchrun, rank 0 alone
 reports.
@@ -58,8 +59,8 @@ from torch import nn
 
 from core.checks import ConfigError, NotApplicableError, check_int
 from core.distributed import is_main_process
-from core.engine import (Callback, NonFiniteLossError, Trainer, batch_size_of, seed_everything, write_json_atomic,
-                         write_text_atomic)
+from core.engine import (Callback, NonFiniteLossError, Trainer, WriteError, batch_size_of, seed_everything,
+                         write_json_atomic, write_text_atomic)
 from core.routers.base import Router
 from core.rundir import RunLock, check_fresh_directory, readable_checkpoint, resume_changes
 from core.runs import hydra_choice, run_dir
@@ -71,7 +72,7 @@ __all__ = ["CONFIG_ERROR_EXIT", "NONFINITE_EXIT", "Task", "TaskRun", "check_conf
            "router_label", "run", "summary", "task_class", "task_classes", "task_paths", "train", "with_default_router"]
 
 CONFIG_ERROR_EXIT = 2   # the config or the data it names cannot work
-NONFINITE_EXIT = 1      # training diverged (NaN/inf loss)
+NONFINITE_EXIT = 1      # training failed: it diverged (NaN/inf loss) or a file of the run could not be written
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUTER_CONF = CONF_DIR / "router"
 
@@ -427,7 +428,7 @@ def run(cfg: DictConfig, task: Task) -> Any:
         _fail(err, CONFIG_ERROR_EXIT)
     try:
         metrics = fit(prepared)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, WriteError) as err:  # diverged, or a file of the run could not be written
         _fail(err, NONFINITE_EXIT)
     except ConfigError as err:
         _fail(err, CONFIG_ERROR_EXIT)

@@ -29,11 +29,12 @@ __all__ = ["RunLock", "SAFE_TO_CHANGE", "changed_keys", "check_fresh_directory",
            "resume_changes"]
 
 # keys a resumed run may change: they decide how long it runs, how often it reports, where and on
-# what it runs, but not the model, the data, the optimisation or the seed
+# what it runs (devices, threads, how experts and embedding tables are laid out over the ranks: a
+# checkpoint holds the whole model), but not the model, the data, the optimisation or the seed
 SAFE_TO_CHANGE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.resume", "trainer.eval_every_epochs",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.checkpoint_every_steps", "trainer.progress",
-    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "threads", "output_dir",
+    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "sharding", "threads", "output_dir",
     "data.eval_batch_size",
 )
 # what a run leaves in its directory (Hydra's own .hydra/ and the log are not a run's work)
@@ -100,7 +101,8 @@ def resume_changes(saved: Mapping | None, current: Mapping) -> dict[str, tuple[A
     if unsafe:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(unsafe.items())[:6])
         more = f" and {len(unsafe) - 6} more" if len(unsafe) > 6 else ""
-        raise ConfigError("trainer.resume", True, f"resuming must continue the same run, and the config differs from "
+        resume = (current.get("trainer") or {}).get("resume", True)
+        raise ConfigError("trainer.resume", resume, f"resuming must continue the same run, and the config differs from "
                           f"the checkpoint's in {shown}{more}; resume with the run's own settings, or start a new "
                           f"run in another directory (only {', '.join(SAFE_TO_CHANGE)} may change)")
     return changes

@@ -115,3 +115,47 @@ def test_changed_keys_lists_every_differing_leaf():
     old = {"a": 1, "b": {"c": 2, "d": [1, 2]}, "e": {}}
     new = {"a": 1, "b": {"c": 3, "d": [1, 2], "f": 0}, "e": {}}
     assert changed_keys(old, new) == {"b.c": (2, 3), "b.f": (None, 0)}
+
+
+# ------------------------------------------------------------------------------------- a full disk
+
+
+def _disk_full_on(monkeypatch, suffix: str):
+    """``os.fsync`` fails with ENOSPC for files whose name ends in ``suffix`` (as a full disk does)."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(finished_run, monkeypatch,
+                                                                                       capsys):
+    from core.engine import load_checkpoint
+
+    last = finished_run / "checkpoints" / "last.ckpt"
+    step_before = load_checkpoint(last)["state"]["step"]
+    _disk_full_on(monkeypatch, "last.ckpt.tmp")
+    cfg = compose("vision", *RUN, f"output_dir={finished_run}", "trainer.resume=true", "trainer.max_steps=9")
+    with pytest.raises(SystemExit) as exc:
+        run(cfg, _vision())
+    assert exc.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "last.ckpt is intact" in lines[0], lines
+    assert load_checkpoint(last)["state"]["step"] == step_before
+    assert not list(finished_run.rglob("*.tmp"))
+
+
+def test_a_full_disk_while_writing_the_model_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    _disk_full_on(monkeypatch, "model.pt.tmp")
+    cfg = compose("vision", *RUN, f"output_dir={tmp_path}", "trainer.checkpoint=false")
+    with pytest.raises(SystemExit) as exc:
+        run(cfg, _vision())
+    assert exc.value.code == 1
+    assert "writing" in capsys.readouterr().err and not (tmp_path / "model.pt").exists()
+    assert not list(tmp_path.rglob("*.tmp"))

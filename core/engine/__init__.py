@@ -71,7 +71,7 @@ from core.engine.loop import LossFn, NonFiniteLossError, Trainer
 from core.engine.optim import build_optimizer, build_scheduler, warmup_cosine
 from core.engine.records import (
     EvalFn, append_history, count_parameters, final_metrics, flops_per_example, json_value, truncate_history,
-    write_json_atomic, write_text_atomic,
+    WriteError, write_atomic, write_json_atomic, write_text_atomic,
 )
 
 # the names of the one-module engine, for code and tests written against it
@@ -80,5 +80,6 @@ __all__ = [
     "append_history", "batch_size_of", "build_optimizer", "build_scheduler", "count_parameters", "derive_seed",
     "final_metrics", "find_checkpoint", "flops_per_example", "iter_batches", "json_value", "load_checkpoint",
     "move_to", "resolve_device", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "shard_batch",
-    "shard_slice", "truncate_history", "warmup_cosine", "write_json_atomic", "write_text_atomic",
+    "shard_slice", "truncate_history", "warmup_cosine", "WriteError", "write_atomic", "write_json_atomic",
+    "write_text_atomic",
 ]

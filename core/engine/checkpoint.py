@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -30,17 +29,13 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     ``last`` becomes ``prev`` so that one good checkpoint always survives a crash mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from core.engine.records import write_atomic
+
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC + hashlib.sha256(data).digest() + data)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name("prev" + path.suffix))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(_MAGIC + hashlib.sha256(data).digest() + data),
+                 keep_previous=path.with_name("prev" + path.suffix))
 
 
 def load_checkpoint(path: Path) -> dict:

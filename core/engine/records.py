@@ -13,7 +13,7 @@ import datetime
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,16 +32,39 @@ EvalFn = Callable[[nn.Module, Iterable], dict]
 # ------------------------------------------------------------------------------------- atomic files
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically: ``<name>.tmp`` in the same directory (so the rename
-    stays on one file system), flushed and fsynced, then ``os.replace``."""
+class WriteError(OSError):
+    """A run's file could not be written (a full disk, a quota, a read-only or vanished directory).
+    The message names the file, the system's reason and what is still intact; no temporary file is
+    left behind."""
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True,
+                 keep_previous: str | os.PathLike | None = None) -> None:
+    """Replace ``path`` atomically: ``write(f)`` into ``<name>.tmp`` in the same directory (so the rename
+    stays on one file system), flushed and fsynced, then ``os.replace`` (the old ``path`` moved to
+    ``keep_previous`` first, when given). On failure the temporary file is removed, ``path`` is as it
+    was, and a ``WriteError`` says so."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise WriteError(err.errno, f"writing {path} failed: {err.strerror or err}; {kept}; free space or "
+                         "fix the directory's permissions, then resume the run") from err
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (``write_atomic``)."""
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
