@@ -59,6 +59,7 @@ from torch import nn
 
 from core.checks import ConfigError, NotApplicableError, check_int
 from core.distributed import is_main_process
+from core.memory import TRAINING_COPIES, check_allocation
 from core.engine import (Callback, NonFiniteLossError, Trainer, WriteError, batch_size_of, seed_everything,
                          write_json_atomic, write_text_atomic)
 from core.routers.base import Router
@@ -291,6 +292,7 @@ def prepare(cfg: DictConfig, task: Task) -> Prepared:
         data = task.load_data(cfg)
         seed_everything(int(cfg.seed))
         task_run = task.build(cfg, data)
+        _check_training_memory(task_run.model, cfg, trainer_cfg.device)
         info = {"domain": task.name, "router": router_label(cfg, task_run.model, task, default),
                 **task_run.info, "metric": task.metric, "higher_is_better": task.higher_is_better}
         if changes:  # what this resume changed, for the record
@@ -305,6 +307,17 @@ def prepare(cfg: DictConfig, task: Task) -> Prepared:
     n_params = sum(p.numel() for p in task_run.model.parameters())
     log.info("%s: model=%s router=%s, %.3fM parameters", task.name, info.get("model"), info["router"], n_params / 1e6)
     return Prepared(cfg, task, task_run, trainer, restore, lock)
+
+
+def _check_training_memory(model: nn.Module, cfg: DictConfig, device: str) -> None:
+    """Before the first step: the weights are allocated; training adds gradients and AdamW's two
+    moments, about three more copies of the trainable weights."""
+    from core.engine import resolve_device
+
+    extra = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) * (TRAINING_COPIES - 1)
+    model_name = cfg.get("model_name") or hydra_choice("model") or type(model).__name__
+    check_allocation(extra, "training the model (gradients and AdamW's two moments of its trainable weights)",
+                     "model", model_name, device=str(resolve_device(device)))
 
 
 class _Finish(Callback):

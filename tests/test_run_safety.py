@@ -159,3 +159,15 @@ def test_a_full_disk_while_writing_the_model_leaves_no_partial_file(tmp_path, mo
     assert exc.value.code == 1
     assert "writing" in capsys.readouterr().err and not (tmp_path / "model.pt").exists()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------ memory, before it is used
+
+
+def test_a_model_too_large_to_train_is_refused_with_its_estimate(tmp_path, monkeypatch, capsys):
+    import core.memory
+
+    monkeypatch.setattr(core.memory, "available_bytes", lambda device="cpu": 64 * 1024)  # a 64 KiB machine
+    line = _refused(tmp_path / "big", capsys=capsys)
+    assert "training the model" in line and "would need" in line and "64.0 KiB" in line, line
+    assert not (tmp_path / "big" / "history.jsonl").exists()
