@@ -38,6 +38,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from core.memory import check_allocation
 from core.routers.base import check_positive_int
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -409,6 +410,12 @@ class Experts(nn.Module):
         self.cpu_engine = "chunked"  # the layout impl="auto" uses on CPU
         self.workspace = Workspace()  # the chunked backward's saved pre-activations, reused across steps
         dd = {"device": device, "dtype": dtype}
+        n_params = E * (D * F * (3 if glu else 2) + (F + O if bias else 0))
+        item = torch.empty((), dtype=dtype).element_size()
+        where = str(device or torch.get_default_device())
+        if where != "meta":  # before allocating: a huge E must not run the machine out of memory
+            check_allocation(n_params * item, f"{E} experts of {D}x{F} ({n_params:,} weights)", "num_experts", E,
+                             device=where)
         self.w1_EDF = nn.Parameter(_uniform_(torch.empty(E, D, F, **dd), D))
         self.w2_EFO = nn.Parameter(_uniform_(torch.empty(E, F, O, **dd), F))
         self.w3_EDF = nn.Parameter(_uniform_(torch.empty(E, D, F, **dd), D)) if glu else None

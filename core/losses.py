@@ -3,6 +3,9 @@
 Legend: G groups, S tokens per group, E experts, K experts per token. ``mask_GS`` marks valid tokens
 (False: padding, or tokens of another modality); masked tokens never count.
 
+Without tokens every loss is 0, never NaN: a group whose tokens are all masked (or S = 0) adds 0 to
+the mean over groups (there is nothing to balance), and G = 0 groups give 0.
+
 Sources: importance and load losses, V-MoE (Riquelme et al., NeurIPS 2021); Switch load balance
 (Fedus et al., JMLR 2022); GShard balance (Lepikhin et al., ICLR 2021); router z-loss, ST-MoE
 (Zoph et al., 2022); local/global entropy losses, LIMoE (Mustafa et al., NeurIPS 2022); AdaMoE's
@@ -16,6 +19,11 @@ import math
 import torch
 
 
+def _group_mean(v_G: torch.Tensor) -> torch.Tensor:
+    """Mean over groups; 0 (still in the graph) when there are none, where ``.mean()`` gives NaN."""
+    return v_G.mean() if v_G.shape[0] else v_G.sum()
+
+
 def _mask(mask_GS: torch.Tensor | None, like_GSE: torch.Tensor) -> torch.Tensor:
     if mask_GS is None:
         return torch.ones(like_GSE.shape[:2], dtype=like_GSE.dtype, device=like_GSE.device)
@@ -24,6 +32,8 @@ def _mask(mask_GS: torch.Tensor | None, like_GSE: torch.Tensor) -> torch.Tensor:
 
 def _cv_squared(v_GE: torch.Tensor) -> torch.Tensor:
     """(std/mean)² along E with population std; 0 for an all-zero row (empty group)."""
+    if v_GE.shape[0] == 0:  # no groups: nothing to balance (var() would warn about 0 elements)
+        return v_GE.sum(-1)
     mean = v_GE.mean(-1)
     var = v_GE.var(-1, correction=0)
     return torch.where(mean > 0, var / mean.clamp_min(1e-20).square(), torch.zeros_like(mean))
@@ -33,7 +43,7 @@ def importance_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None
     """V-MoE importance loss: ``imp_e = Σ_s p[s,e]``, ``L = (std(imp)/mean(imp))²``, mean over groups."""
     m_GS = _mask(mask_GS, probs_GSE)
     importance_GE = (probs_GSE * m_GS[..., None]).sum(1)
-    return _cv_squared(importance_GE).mean()
+    return _group_mean(_cv_squared(importance_GE))
 
 
 def load_loss(
@@ -50,7 +60,7 @@ def load_loss(
     p_GSE = 1.0 - torch.special.ndtr((threshold_GS1 - logits_GSE) / noise_std)
     m_GS = _mask(mask_GS, p_GSE)
     load_GE = (p_GSE * m_GS[..., None]).sum(1) / m_GS.sum(1, keepdim=True).clamp_min(1.0)
-    return _cv_squared(load_GE).mean()
+    return _group_mean(_cv_squared(load_GE))
 
 
 def switch_loss(
@@ -67,7 +77,7 @@ def switch_loss(
     K = expert_idx_GSK.shape[-1]
     f_GE = (onehot_GSE * m_GS[..., None]).sum(1) / (n_GS1 * K)
     P_GE = (probs_GSE * m_GS[..., None]).sum(1) / n_GS1
-    return (E * (f_GE * P_GE).sum(-1)).mean()
+    return _group_mean(E * (f_GE * P_GE).sum(-1))
 
 
 def gshard_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,14 +88,14 @@ def gshard_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) ->
     top1_GSE = torch.nn.functional.one_hot(probs_GSE.argmax(-1), E).to(probs_GSE.dtype)
     f_GE = (top1_GSE * m_GS[..., None]).sum(1) / n_GS1
     P_GE = (probs_GSE * m_GS[..., None]).sum(1) / n_GS1
-    return ((f_GE * P_GE).mean(-1) * E * E).mean()
+    return _group_mean((f_GE * P_GE).mean(-1) * E * E)
 
 
 def z_loss(logits_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_s (logsumexp_e z[s,e])²`` (callers scale it by c_z = 1e-3)."""
     m_GS = _mask(mask_GS, logits_GSE)
     lse_GS = torch.logsumexp(logits_GSE, dim=-1).square()
-    return ((lse_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0)).mean()
+    return _group_mean((lse_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0))
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -97,19 +107,22 @@ def local_entropy_loss(probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = N
     low values push each token to commit to few experts."""
     m_GS = _mask(mask_GS, probs_GSE)
     h_GS = _entropy(probs_GSE)
-    return ((h_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0)).mean()
+    return _group_mean((h_GS * m_GS).sum(1) / m_GS.sum(1).clamp_min(1.0))
 
 
 def global_entropy_loss(
     probs_GSE: torch.Tensor, mask_GS: torch.Tensor | None = None, threshold: float | None = None
 ) -> torch.Tensor:
     """LIMoE thresholded global entropy ``max(0, τ − H(mean_x p(x)))``: the modality as a whole
-    should use many experts. τ defaults to log(E) (LIMoE sets τ = log(S_min) per modality)."""
+    should use many experts. τ defaults to log(E) (LIMoE sets τ = log(S_min) per modality). A group
+    without valid tokens adds 0."""
     E = probs_GSE.shape[-1]
     tau = math.log(E) if threshold is None else threshold
     m_GS = _mask(mask_GS, probs_GSE)
-    mean_GE = (probs_GSE * m_GS[..., None]).sum(1) / m_GS.sum(1, keepdim=True).clamp_min(1.0)
-    return torch.relu(tau - _entropy(mean_GE)).mean()
+    n_G1 = m_GS.sum(1, keepdim=True)
+    mean_GE = (probs_GSE * m_GS[..., None]).sum(1) / n_G1.clamp_min(1.0)
+    # a group without valid tokens has no routing to spread: 0, not τ
+    return _group_mean(torch.relu(tau - _entropy(mean_GE)) * (n_G1[:, 0] > 0).to(mean_GE.dtype))
 
 
 def null_aware_switch_loss(
@@ -139,7 +152,7 @@ def null_aware_switch_loss(
         f_null_G1 = f_GX[:, X - num_null:].mean(-1, keepdim=True)
         f_GX = torch.cat([f_GX[:, :X - num_null], f_null_G1.expand(-1, num_null)], dim=-1)
     P_GX = (probs_GSX * m_GS[..., None]).sum(1) / n_GS1
-    return (X * (f_GX * P_GX).sum(-1)).mean()
+    return _group_mean(X * (f_GX * P_GX).sum(-1))
 
 
 def modality_entropy_losses(

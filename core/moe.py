@@ -21,7 +21,7 @@ from torch import nn
 
 from core.experts import Experts, dispatch_combine
 from core.routers.base import Router, check_positive_int
-from core.routing import Routing
+from core.routing import Routing, check_float_input, check_token_ids, check_token_mask
 
 
 class MoE(nn.Module):
@@ -41,6 +41,32 @@ class MoE(nn.Module):
         experts: the routed experts' class or factory, called like ``Experts`` (e.g.
             ``functools.partial(LoRAExperts, rank=8)``); default stacked ``Experts``.
         track_stats: accumulate routing statistics for ``core.routing_stats``.
+
+    Inputs: ``x`` (…, D) floating point; ``mask`` None or ``x.shape[:-1]``, bool or 0/1 integer
+    (Hugging Face's ``attention_mask``; read as ``mask != 0``; float masks are refused because additive
+    attention masks use 0 for real tokens); ``token_ids`` None or ``x.shape[:-1]`` integers. A masked
+    token is neither routed nor counted and gets 0 from the routed experts (merged routings included);
+    the shared experts are dense FFNs and still apply to every token, masked or not.
+
+    Degenerate inputs (all checks are O(1) shape/dtype checks, no host sync on the hot path):
+
+    - empty batch (``x.numel() == 0``, e.g. (0, S, D) or (B, 0, D)): like ``nn.Linear``, an empty
+      output of shape (…, O), still connected to the graph; the router is not called, routing
+      statistics are unchanged and the router's auxiliary losses are cleared (they sum to 0);
+      ``last_routing`` (if kept) is an empty sparse routing;
+    - every token masked: routed output 0 (plus the shared experts), auxiliary losses 0 (nothing to
+      balance), statistics count 0 tokens and 0 choices (``core.routing_stats`` reports 0.0, not NaN);
+    - NaN or infinite values in ``x``: not checked (that needs a host sync) and never an error from
+      any router; they propagate as in ``nn.Linear``: a non-finite token's output is non-finite, or
+      exactly 0 when its router dropped it (its NaN scores made it ineligible or it lost the
+      capacity race: like any dropped token, the residual connection carries it on); routers that
+      mix a group's tokens (Soft MoE, SMEAR, Sinkhorn plans, BASE's assignment) can spread it to
+      that group, Lory to the next segment, never to other groups. Auxiliary losses and routing
+      statistics may turn NaN; the training loop's non-finite guard names the step;
+    - ``ValueError`` naming the argument: ``x`` of a non-floating dtype (integer, bool) or 0-d or of
+      the wrong width; ``mask``/``token_ids`` of a shape other than ``x.shape[:-1]``; a float mask;
+      float or bool ``token_ids``; at construction, a ``router`` instance whose ``dim`` differs from
+      ``in_features`` or whose ``num_experts`` differs from the layer's.
 
     Example::
 
@@ -89,8 +115,15 @@ class MoE(nn.Module):
             router = TopKRouter(in_features, num_experts)
         elif not isinstance(router, Router):
             router = router(dim=in_features, num_experts=num_experts)
+            if not isinstance(router, Router):
+                raise ValueError(f"router built a {type(router).__name__}, not a core Router: pass a router "
+                                 "partial router(dim=D, num_experts=E) -> Router or a Router instance.")
         if router.dim != in_features:
-            raise ValueError(f"router.dim={router.dim} does not match in_features={in_features}.")
+            raise ValueError(f"router.dim={router.dim} does not match in_features={in_features}: a shared router "
+                             "must route tokens of the layer's width.")
+        if router.num_experts != num_experts:
+            raise ValueError(f"router.num_experts={router.num_experts} does not match num_experts={num_experts}: "
+                             "a shared router must choose among the layer's experts.")
         self.router = router
         dd = {"device": device, "dtype": dtype}
         self.experts = (experts or Experts)(num_experts, in_features, hidden_features, out_features,
@@ -130,18 +163,32 @@ class MoE(nn.Module):
         ids_GS = None if ids_T is None else ids_T.view(G, S)
         return x_TD, x_TD.view(G, S, D), mask_GS, ids_GS, T
 
+    def check_input(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                    token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """O(1) checks of ``forward``'s arguments (see "Degenerate inputs"); returns the mask as bool."""
+        D = self.in_features
+        check_float_input("x", x, f"(..., in_features={D})")
+        if x.dim() == 0 or x.shape[-1] != D:
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={D}.")
+        of = "x.shape[:-1]"
+        token_ids = check_token_ids("token_ids", token_ids, tuple(x.shape[:-1]), of)
+        return check_token_mask("mask", mask, tuple(x.shape[:-1]), of), token_ids
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (…, D) -> (…, O). ``mask`` (x.shape[:-1], True = real token) keeps padding out of
         routing and statistics; ``token_ids`` (x.shape[:-1]) feed routers that need them (hash)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input width {x.shape[-1]} does not match in_features={self.in_features}.")
+        mask, token_ids = self.check_input(x, mask, token_ids)
         lead = x.shape[:-1]
+        if x.numel() == 0:
+            return self._forward_empty(x).view(*lead, self.out_features)
         x_TD, x_GSD, mask_GS, ids_GS, T = self._groups(x, mask, token_ids)
         kwargs = {} if ids_GS is None else {"token_ids_GS": ids_GS}
         routing = self.router(x_GSD, mask_GS, **kwargs)
         if routing.is_merged:
             y_TO = self.experts.forward_merged(x_GSD, routing.merge_GE).reshape(x_TD.shape[0], -1)
+            if mask_GS is not None:  # a merged FFN runs on every token of its group; masked ones get 0
+                y_TO = y_TO * mask_GS.reshape(-1, 1).to(y_TO.dtype)
         elif routing.is_soft:
             y_TO = self._combine_soft(x_GSD, routing)
         else:
@@ -158,6 +205,24 @@ class MoE(nn.Module):
         if self.keep_last_routing:
             self.last_routing = routing
         return y_TO.view(*lead, self.out_features)
+
+    def _forward_empty(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty batch: a 0×O output through the routed (and shared) experts with no assignment,
+        so it stays in the autograd graph as ``nn.Linear``'s does. The router is not called."""
+        x_TD = x.reshape(0, self.in_features)
+        idx_N = torch.zeros(0, dtype=torch.long, device=x.device)
+        routing = Routing(
+            num_groups=0, group_size=1, num_experts=self.num_experts, token_idx_N=idx_N, expert_idx_N=idx_N,
+            weight_N=torch.zeros(0, dtype=torch.float32, device=x.device), capacity=None, num_choices=0,
+            scores_GSE=torch.zeros(0, 1, self.num_experts, device=x.device),
+        )
+        y_TO = self._combine_sparse(x_TD, routing)
+        if self.shared_experts is not None:
+            y_TO = y_TO + self.shared_experts(x_TD, torch.zeros(1, dtype=torch.long, device=x.device), idx_N)
+        self.router.aux_losses = {}
+        if self.keep_last_routing:
+            self.last_routing = routing
+        return y_TO
 
     def _combine_sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         args = (x_TD, routing.token_idx_N, routing.expert_idx_N, routing.weight_N)

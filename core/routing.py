@@ -17,6 +17,51 @@ from dataclasses import dataclass, field
 import torch
 
 
+def check_float_input(name: str, x, expected: str) -> None:
+    """O(1) check of a token tensor: a floating-point ``torch.Tensor``, else a ``ValueError`` naming
+    ``name``, its dtype and that a floating dtype is needed. ``expected`` describes the layout."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {expected}; got a {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}; a floating dtype (float32, bfloat16, float16 or float64) is "
+                         f"needed: routing and the experts compute in floating point (cast it, e.g. {name}.float()).")
+
+
+def check_token_mask(name: str, mask, shape: tuple[int, ...], of: str) -> torch.Tensor | None:
+    """None, or ``mask`` as a bool tensor (True = real token) after O(1) shape and dtype checks.
+
+    Accepted: bool masks, and integer masks read as ``mask != 0`` (0/1, as Hugging Face's
+    ``attention_mask``; the values are not checked, which would need a host sync). Refused with a
+    ``ValueError`` naming ``name``: a shape other than ``shape`` (``of`` says where it comes from), and
+    float or complex masks (ambiguous: an additive attention mask uses 0 for real tokens)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)} ({of}); got a {type(mask).__name__}.")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}; the shape {tuple(shape)} ({of}) is needed.")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"{name} has dtype {mask.dtype}; a bool mask (True = real token) or a 0/1 integer mask is "
+                         "needed (a float mask is ambiguous: additive attention masks use 0 for real tokens).")
+    return mask != 0
+
+
+def check_token_ids(name: str, ids, shape: tuple[int, ...], of: str) -> torch.Tensor | None:
+    """None, or ``ids`` after O(1) checks: shape ``shape`` and an integer dtype, else a ``ValueError``
+    naming ``name``, its shape or dtype, and what is needed."""
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)} ({of}); got a {type(ids).__name__}.")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}; the shape {tuple(shape)} ({of}) is needed.")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {ids.dtype}; integer token ids (e.g. torch.long) are needed.")
+    return ids
+
+
 def positions_in_segment(key_N: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Rank of each entry among the earlier entries with the same key (0, 1, 2, ... in list order).
 
@@ -100,11 +145,15 @@ class Routing:
         return torch.as_tensor(self.num_choices, device=self.token_idx_N.device) - self.token_idx_N.numel()
 
     def tokens_per_expert(self) -> torch.Tensor:
-        """E counts of assignments (soft routings: total dispatch mass per expert)."""
+        """E counts of assignments (soft routings: total dispatch mass per expert; merged routings:
+        merge weight × valid tokens of the group, so padding never counts)."""
         if self.is_soft:
             return self.dispatch_GSEP.detach().sum(dim=(0, 1, 3))
         if self.is_merged:
-            return self.merge_GE.detach().sum(0) * self.group_size
+            if self.mask_GS is None:
+                return self.merge_GE.detach().sum(0) * self.group_size
+            valid_G1 = self.mask_GS.sum(1, keepdim=True).to(self.merge_GE.dtype)
+            return (self.merge_GE.detach() * valid_G1).sum(0)
         return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
 
     def slot_idx_N(self) -> torch.Tensor:

@@ -252,8 +252,12 @@ class Prepared:
 
 def check_config(cfg: DictConfig, task: Task):
     """The checks of a run before any data is read: the default router put in place, the task's
-    checks, then seed, threads and the trainer keys; returns the ``TrainerConfig``."""
+    checks, then seed, threads, the trainer keys and the keys added with ``+key=value`` on the command
+    line (``core.overrides``: a misspelled one is refused, not ignored); returns the ``TrainerConfig``."""
+    from core.overrides import check_hydra_overrides
+
     with_default_router(cfg)
+    check_hydra_overrides(cfg)
     num_experts = task.validate(cfg)
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError("seed", cfg.get("seed"), "it must be an integer")

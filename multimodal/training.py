@@ -18,6 +18,8 @@ LIMoE runs also log the per-modality top-expert shares of every training batch t
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import open_clip
 import torch
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from open_clip.loss import ClipLoss
 
-from core.checks import ConfigError, check_int, check_readable_dir, check_target
+from core.checks import (ConfigError, check_int, check_number, check_readable_dir, check_readable_file,
+                         check_target)
 from core.validate import check_router
 from multimodal.data import MultimodalData, labelled_loader, pair_loader
 from multimodal.models import LIMoE, modality_usage, reset_modality_usage
@@ -35,6 +38,8 @@ __all__ = ["build_loaders", "clip_loss", "context_length", "is_moe", "make_evalu
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 SOURCES = ("openmoji", "fashion_mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                       "t10k-labels-idx1-ubyte.gz")
 
 _clip_loss = ClipLoss()
 
@@ -65,8 +70,23 @@ def validate_config(cfg: DictConfig) -> int | None:
     if num_experts is not None:
         check_int("model.num_experts", num_experts)
         check_int("model.group_size", m.get("group_size"), optional=True)
-        check_router(m.get("router"), num_experts, key="router", domain="multimodal", group_size=m.get("group_size"),
-                     group_key="model.group_size")
+        try:
+            check_router(m.get("router"), num_experts, key="router", domain="multimodal",
+                         group_size=m.get("group_size"), group_key="model.group_size")
+        except ConfigError as err:
+            if err.key == "router.num_experts":  # the router's weights would not fit: the model's key is at fault
+                raise ConfigError("model.num_experts", num_experts, err.allowed) from None
+            raise
+    for key in ("local_entropy_weight", "global_entropy_weight"):
+        if key in m:
+            _check_per_modality(f"model.{key}", m[key], lambda k, v: check_number(k, v, ge=0))
+    if "global_min_experts" in m:
+        def min_experts(key, v):
+            check_number(key, v, ge=1, optional=True)
+            if v is not None and num_experts is not None and v > num_experts:
+                raise ConfigError(key, v, f"it must be null or in [1, model.num_experts={num_experts}]")
+
+        _check_per_modality("model.global_min_experts", m.global_min_experts, min_experts)
     for key in ("sources", "val_sources"):
         for name in d.get(key) or []:
             if name not in SOURCES:
@@ -74,12 +94,70 @@ def validate_config(cfg: DictConfig) -> int | None:
     if not d.sources:
         raise ConfigError("data.sources", [], f"give at least one of {list(SOURCES)}")
     if d.get("root") is not None:
-        check_readable_dir("data.root", d.root, ": the folder with the Fashion-MNIST IDX .gz files, or null")
+        root = check_readable_dir("data.root", d.root, ": the folder with the Fashion-MNIST IDX .gz files, or null")
+        if "fashion_mnist" in list(d.sources) + list(d.get("val_sources") or []) or d.get("zeroshot"):
+            missing = [f for f in FASHION_MNIST_FILES if not (root / f).is_file()]
+            if missing:  # the loader would quietly fall back to the system's copy
+                raise ConfigError("data.root", str(d.root), f"it lacks the Fashion-MNIST file(s) {missing}: give the "
+                                  "folder holding the four IDX .gz files, or null for the system's copy")
+    check_number("data.val_fraction", d.get("val_fraction", 0.1), gt=0)
+    if not d.get("val_fraction", 0.1) < 1:
+        raise ConfigError("data.val_fraction", d.val_fraction, "it must lie in (0, 1)")
+    if d.get("openmoji_cache") is not None:
+        _check_cache_file("data.openmoji_cache", d.openmoji_cache)
+    for key in ("dense_checkpoint", "checkpoint"):
+        if m.get(key) is not None:
+            _check_checkpoint(f"model.{key}", m[key])
     check_int("data.batch_size", d.batch_size, minimum=2)  # a contrastive batch needs negatives
     check_int("data.eval_batch_size", d.eval_batch_size)
     for key in ("limit_train", "limit_eval", "fashion_mnist_train"):
         check_int(f"data.{key}", d.get(key), optional=True)
     return num_experts
+
+
+def _check_cache_file(key: str, path) -> None:
+    """A cache file read when present, else written: an existing regular file, or a new one whose folder
+    exists (or can be made) and is writable."""
+    p = Path(str(path)).expanduser()
+    if p.exists():
+        check_readable_file(key, path, ": an .npz cache file (read when present, else written)")
+        with open(p, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # np.savez_compressed writes a zip
+                raise ConfigError(key, str(path), "the file is not an .npz cache (numpy's savez); give the cache "
+                                  "this run wrote, a path where it may write one, or null")
+        return
+    parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), f"the file does not exist and cannot be written there ({parent} is not a "
+                          "writable folder); give an .npz path in a writable folder, or null")
+
+
+def _check_per_modality(key: str, value, check) -> None:
+    """Two values, one per modality (image, text), each passing ``check(key, value)``."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    if not isinstance(values, (list, tuple)) or len(values) != 2:
+        raise ConfigError(key, values, "give two values, one per modality: [image, text]")
+    for i, v in enumerate(values):
+        check(f"{key}[{i}]", v)
+
+
+def _check_checkpoint(key: str, path) -> None:
+    """A dense parent for upcycling: a run directory with ``checkpoints/``, a ``checkpoints`` folder, or a
+    file (a ``core.engine`` checkpoint or a ``torch.save``d state dict), as ``multimodal.models.load_state_dict``
+    reads it."""
+    hint = ": the run directory of a model=clip run (or its checkpoints/last.ckpt, or a saved state dict)"
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise ConfigError(key, str(path), f"no such file or directory (looked at {p.resolve()}){hint}")
+    if p.is_dir():
+        where = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if not any((where / name).is_file() for name in ("last.ckpt", "prev.ckpt")):
+            raise ConfigError(key, str(path), f"there is no checkpoint in it (looked for last.ckpt and prev.ckpt "
+                              f"in {where}){hint}")
+        return
+    check_readable_file(key, path, hint)
 
 
 def context_length(m: DictConfig) -> int:

@@ -25,6 +25,7 @@ from timm.layers import Mlp, SwiGLU, get_act_layer
 from torch import nn
 
 from core.lora_experts import LoRAExperts
+from core.memory import check_allocation
 from core.moe import MoE
 from core.routers.base import Router, check_positive_int
 from core.routers.topk import TopKRouter
@@ -245,10 +246,16 @@ class MoETransformerLM(nn.Module):
         self.moe_layers = moe_block_indices(depth, moe_layers, key="moe_layers")
         self.allow_noncausal_routing = bool(allow_noncausal_routing)
 
+        head_dim = dim // num_heads
+        # tables sized by the context: the learned position table, or rotary's cos/sin and angles
+        per_position = dim if pos_embed == "learned" else 3 * head_dim
+        check_allocation(4.0 * max_seq_len * per_position, f"position tables for {max_seq_len:,} positions",
+                         "max_seq_len", max_seq_len)
+        check_allocation(4.0 * vocab_size * dim, f"a {vocab_size:,}-token embedding of width {dim}", "vocab_size",
+                         vocab_size)
         self.tok_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_seq_len, dim) if pos_embed == "learned" else None
         self.drop = nn.Dropout(dropout)
-        head_dim = dim // num_heads
         rotary = RotaryEmbedding(head_dim, max_seq_len, rope_base) if pos_embed == "rope" else None
         hidden = int(round(dim * mlp_ratio))
         expert_hidden = int(round(dim * (expert_mlp_ratio if expert_mlp_ratio is not None else mlp_ratio)))

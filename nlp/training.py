@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from core.checks import ConfigError, check_choice, check_int, check_number, check_readable_file, check_target
+from core.checks import (ConfigError, check_choice, check_int, check_number, check_readable_file, check_target,
+                         to_config_error)
+from core.surgery import moe_block_indices
 from core.validate import check_router
 from nlp.models import MoETransformerLM
 
@@ -88,13 +90,49 @@ def validate_config(cfg: DictConfig) -> int | None:
     check_number("data.val_fraction", d.val_fraction, gt=0)
     if d.val_fraction >= 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "it must lie in (0, 1)")
+    _check_architecture(m)
     moe = m.get("moe_layers", "all") not in ("none", None) and m.get("moe_layers") != []
     if not moe:
         return None
     check_int("model.num_experts", m.num_experts)
     check_int("model.moe_group_size", m.get("moe_group_size"), optional=True)
-    check_router(m.get("router"), m.num_experts, key="router", domain="nlp", token_ids=True,
-                 group_size=m.get("moe_group_size") or d.seq_len,
-                 group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len", seq_len=d.seq_len,
-                 expert_parallel=cfg.trainer.get("expert_parallel") is True)
+    try:
+        check_router(m.get("router"), m.num_experts, key="router", domain="nlp", token_ids=True,
+                     group_size=m.get("moe_group_size") or d.seq_len,
+                     group_key="model.moe_group_size" if m.get("moe_group_size") else "data.seq_len",
+                     seq_len=d.seq_len, expert_parallel=cfg.trainer.get("expert_parallel") is True)
+    except ConfigError as err:
+        if err.key == "router.num_experts":  # the router's weights would not fit: the model's key is at fault
+            raise ConfigError("model.num_experts", m.num_experts, err.allowed) from None
+        raise
     return m.num_experts
+
+
+def _check_architecture(m: DictConfig) -> None:
+    """The model's shape keys, named as config keys (the model's own checks name its arguments)."""
+    for key in ("dim", "depth", "num_heads"):
+        if key in m:
+            check_int(f"model.{key}", m[key])
+    if "dim" in m and "num_heads" in m:
+        if m.dim % m.num_heads:
+            raise ConfigError("model.num_heads", m.num_heads, f"the heads must divide model.dim={m.dim}")
+        if m.get("pos_embed", "rope") == "rope" and (m.dim // m.num_heads) % 2:
+            raise ConfigError("model.num_heads", m.num_heads, f"with pos_embed=rope the head width model.dim/num_heads"
+                              f"={m.dim // m.num_heads} must be even")
+    for key, choices in (("pos_embed", ("rope", "learned")), ("norm", ("rmsnorm", "layernorm")),
+                         ("expert_type", ("mlp", "lora"))):
+        if key in m:
+            check_choice(f"model.{key}", m[key], choices)
+    if "dropout" in m:
+        check_number("model.dropout", m.dropout, ge=0)
+        if not m.dropout < 1:
+            raise ConfigError("model.dropout", m.dropout, "it must lie in [0, 1)")
+    for key in ("mlp_ratio", "expert_mlp_ratio"):
+        check_number(f"model.{key}", m.get(key), gt=0, optional=True)
+    layers = m.get("moe_layers", "all")
+    if "depth" in m and layers is not None:
+        try:
+            moe_block_indices(m.depth, OmegaConf.to_container(layers) if OmegaConf.is_list(layers) else layers,
+                              key="model.moe_layers")
+        except ValueError as err:
+            raise to_config_error(err, "model.") from None

@@ -33,6 +33,9 @@ __all__ = ["build_dataset", "build_embedding_collection", "build_model", "make_e
 
 # ------------------------------------------------------------------------------------- validation
 
+# the files a loader with a ``path`` reads from it (or their .gz)
+_DATA_FILES = {"recsys.data.load_census_kdd": ("census-income.data", "census-income.test")}
+
 # data loaders whose tasks are regressions (every other loader of recsys.data yields binary tasks)
 _REGRESSION_LOADERS = ("recsys.data.make_synthetic",)
 
@@ -68,12 +71,24 @@ def validate_config(cfg: DictConfig) -> int | None:
                              ": use model=<name> with a conf/recsys/model config")
     counts = _gate_expert_counts(m)
     if counts is not None:
-        check_router(m.gate, counts, key="router", domain="recsys")
+        try:
+            check_router(m.gate, counts, key="router", domain="recsys")
+        except ConfigError as err:
+            if err.key == "router.num_experts":  # the gate's weights would not fit: the model's key is at fault
+                key = "model.num_experts" if "num_experts" in m else "model.num_task_experts"
+                raise ConfigError(key, m.get(key.split(".")[1]), err.allowed) from None
+            raise
+    _check_sizes(m, d)
     check_int("model.embedding_dim", m.get("embedding_dim", 8))
     check_target("data.dataset._target_", d.dataset.get("_target_"), hint=": use data=<name> with a conf/recsys/data config")
     if "path" in d.dataset:
-        check_readable_dir("data.path", d.dataset.path, ": the directory holding the data files "
-                           "(census-income.data and census-income.test for census_kdd)")
+        root = check_readable_dir("data.path", d.dataset.path, ": the directory holding the data files "
+                                  "(census-income.data and census-income.test for census_kdd)")
+        needed = _DATA_FILES.get(str(d.dataset.get("_target_")), ())
+        missing = [f for f in needed if not any((root / name).is_file() for name in (f, f + ".gz"))]
+        if missing:
+            raise ConfigError("data.path", str(d.dataset.path), f"the directory lacks {missing} (or .gz): give the "
+                              f"directory holding {list(needed)}")
     kinds = _task_kinds(d)
     if getattr(model_cls, "requires_binary_tasks", False) and kinds is not None and "binary" not in kinds:
         raise ConfigError("model", hydra_choice("model") or model_cls.__name__,
@@ -86,6 +101,40 @@ def validate_config(cfg: DictConfig) -> int | None:
         check_number(f"task_weights[{i}]", w, ge=0)
     check_sharding(cfg.get("sharding"))
     return counts[0] if counts else None
+
+
+def _check_sizes(m: DictConfig, d: DictConfig) -> None:
+    """The model's layer sizes and the data loader's numbers, named as config keys (the builders'
+    own checks name only their arguments)."""
+    for key in m:
+        if str(key).endswith("_layer_sizes"):
+            sizes = m[key]
+            if not OmegaConf.is_list(sizes) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                       for v in sizes):
+                shown = OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes
+                raise ConfigError(f"model.{key}", shown, "a list of layer widths, each an integer >= 1 ([] for none)")
+        elif str(key) in ("expert_hidden_features", "expert_out_features"):
+            check_int(f"model.{key}", m[key])
+    ds = d.dataset
+    for key in ("val_fraction", "test_fraction"):
+        if key in ds:
+            check_number(f"data.dataset.{key}", ds[key], gt=0)
+            if not ds[key] < 1:
+                raise ConfigError(f"data.dataset.{key}", ds[key], "it must lie in (0, 1)")
+    if "val_fraction" in ds and "test_fraction" in ds and not ds.val_fraction + ds.test_fraction < 1:
+        raise ConfigError("data.dataset.test_fraction", ds.test_fraction, f"with val_fraction={ds.val_fraction} "
+                          "nothing would be left to train on: the two must sum to less than 1")
+    if "correlation" in ds:
+        check_number("data.dataset.correlation", ds.correlation)
+        if not -1 <= ds.correlation <= 1:
+            raise ConfigError("data.dataset.correlation", ds.correlation, "it must lie in [-1, 1] (a cosine)")
+    for key in ("num_train", "num_val", "num_test", "dim", "num_sines"):
+        if key in ds:
+            check_int(f"data.dataset.{key}", ds[key])
+    if "noise_std" in ds:
+        check_number("data.dataset.noise_std", ds.noise_std, ge=0)
+    if "scale" in ds:
+        check_number("data.dataset.scale", ds.scale)
 
 
 # ------------------------------------------------------------------------------- data and model

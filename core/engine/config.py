@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import random
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,17 +24,22 @@ class TrainerConfig:
         max_epochs: passes over the training data.
         max_steps: stop after this many optimizer steps in total (None: no limit).
         lr: peak learning rate.
-        min_lr: learning rate at the end of the cosine decay.
+        min_lr: learning rate at the end of the cosine decay (at most ``lr``).
         weight_decay: AdamW decoupled weight decay (matrices only).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup_steps: linear warmup steps (None: ``warmup_fraction`` of the total).
+        warmup_steps: linear warmup steps (None: ``warmup_fraction`` of the total); fewer than the run's
+            steps, which ``Trainer.fit`` checks once the training loader's length is known.
         warmup_fraction: warmup as a fraction of the total steps when ``warmup_steps`` is None.
         grad_clip: clip the global gradient norm to this (None or 0: no clipping).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda`` / ``cuda:N``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         resume: continue from the run directory's checkpoints; or a path to a run directory or file.
         skip_nonfinite: skip an optimizer step whose loss or gradient is not finite instead of stopping.
+        max_skipped_fraction: with ``skip_nonfinite``, the largest share of the run's steps that may be
+            skipped: a run that skips more did not really train, and fails with ``NonFiniteLossError``
+            (naming the count and the share; as soon as the share is certain to be exceeded) instead of
+            reporting results. 1.0: never.
         checkpoint: write checkpoints at the end of every epoch (and every ``checkpoint_every_steps``).
         checkpoint_every_steps: also checkpoint inside an epoch every this many steps (None: never).
         log_every_steps: one ``history.jsonl`` line per this many steps (epoch lines always).
@@ -59,6 +66,7 @@ class TrainerConfig:
     precision: str = "auto"
     resume: bool | str = False
     skip_nonfinite: bool = False
+    max_skipped_fraction: float = 0.1
     checkpoint: bool = True
     checkpoint_every_steps: int | None = None
     log_every_steps: int = 50
@@ -73,30 +81,47 @@ class TrainerConfig:
             check_int("trainer.max_steps", self.max_steps, 1)
         for key in ("lr", "min_lr", "weight_decay", "eps", "warmup_fraction"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"trainer.{key}={v!r} is not allowed: it must be a finite number >= 0.")
         if not self.lr > 0:
             raise ValueError(f"trainer.lr={self.lr!r} is not allowed: it must be > 0.")
+        if self.min_lr > self.lr:  # the cosine would climb from lr up to min_lr
+            raise ValueError(f"trainer.min_lr={self.min_lr!r} is not allowed: it must be <= trainer.lr={self.lr!r} "
+                             "(the learning rate decays from lr down to min_lr).")
         if self.warmup_fraction >= 1:
             raise ValueError(f"trainer.warmup_fraction={self.warmup_fraction!r} is not allowed: it must be in [0, 1).")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"trainer.betas={list(self.betas)!r} is not allowed: two numbers in [0, 1).")
+        betas = self.betas
+        if (isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            shown = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else betas
+            raise ValueError(f"trainer.betas={shown!r} is not allowed: two numbers in [0, 1).")
         if self.warmup_steps is not None:
             check_int("trainer.warmup_steps", self.warmup_steps, 0)
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
-            raise ValueError(f"trainer.grad_clip={self.grad_clip!r} is not allowed: a number >= 0 or null.")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+        if self.grad_clip is not None and not (_is_number(self.grad_clip) and math.isfinite(self.grad_clip)
+                                               and self.grad_clip >= 0):
+            raise ValueError(f"trainer.grad_clip={self.grad_clip!r} is not allowed: a finite number >= 0, or null "
+                             "(null or 0: no clipping).")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"trainer.device={self.device!r} is not allowed: use auto, cpu, cuda or cuda:N.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"trainer.precision={self.precision!r} is not allowed: use auto, fp32 or bf16.")
+        if not (isinstance(self.resume, (bool, os.PathLike)) or (isinstance(self.resume, str) and self.resume)):
+            raise ValueError(f"trainer.resume={self.resume!r} is not allowed: use true, false or the path of a run "
+                             "directory or checkpoint file.")
+        for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")
+        v = self.max_skipped_fraction
+        if not _is_number(v) or not 0 <= v <= 1:
+            raise ValueError(f"trainer.max_skipped_fraction={v!r} is not allowed: a number in [0, 1] (the largest "
+                             "share of the run's steps skip_nonfinite may skip; 1: no limit).")
         if self.checkpoint_every_steps is not None:
             check_int("trainer.checkpoint_every_steps", self.checkpoint_every_steps, 1)
         check_int("trainer.log_every_steps", self.log_every_steps, 1)
         check_int("trainer.eval_every_epochs", self.eval_every_epochs, 1)
         if self.progress not in ("auto", True, False):
             raise ValueError(f"trainer.progress={self.progress!r} is not allowed: use auto, true or false.")
-        if not isinstance(self.expert_parallel, bool):
-            raise ValueError(f"trainer.expert_parallel={self.expert_parallel!r} is not allowed: use true or false.")
         self.betas = tuple(float(b) for b in self.betas)
 
     @classmethod
@@ -107,6 +132,11 @@ class TrainerConfig:
         if unknown:
             raise ValueError(f"trainer.{unknown[0]} is not a trainer key: allowed keys are {sorted(allowed)}.")
         return cls(**dict(cfg))
+
+
+def _is_number(value) -> bool:
+    """An int or float (not a bool, not a string), NaN included (callers test finiteness)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def derive_seed(*parts: int) -> int:

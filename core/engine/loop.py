@@ -25,12 +25,14 @@ from torch import nn
 
 from core import distributed as dist_utils
 from core import stats
+from core.checks import ConfigError
 from core.engine.callbacks import Callback, TrainState
 from core.engine.checkpoint import find_checkpoint, rng_state, save_checkpoint, set_rng_state
 from core.engine.config import TrainerConfig, derive_seed, resolve_device
 from core.engine.loaders import batch_size_of, iter_batches, move_to
 from core.engine.optim import build_optimizer, build_scheduler
-from core.engine.records import EvalFn, append_history, final_metrics, json_value, truncate_history, write_json_atomic
+from core.engine.records import (EvalFn, append_history, final_metrics, json_value, truncate_history, write_atomic,
+                                 write_json_atomic)
 
 # one logger for the whole engine: log lines keep the name (``core.engine``) they had in one module
 log = logging.getLogger(__package__)
@@ -162,6 +164,7 @@ class Trainer:
         total_steps = cfg.max_epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
+        self._check_warmup(total_steps, steps_per_epoch)
         optimizer = build_optimizer(model, cfg)
         return _Run(
             model=model, train_loader=train_loader, loss_fn=loss_fn, evaluate=evaluate, eval_loaders=eval_loaders,
@@ -172,6 +175,19 @@ class Trainer:
             # records for steps that are not logged cost a device sync each: only for a callback that reads them
             step_records=any(_overrides(cb, "on_step_end") for cb in callbacks),
         )
+
+    def _check_warmup(self, total_steps: int, steps_per_epoch: int) -> None:
+        """``warmup_steps`` must be shorter than the run (known only now, from the loader's length): a
+        longer warmup would never reach the peak learning rate nor decay. A ``ConfigError``, which the
+        command line prints as one line (exit 2)."""
+        cfg = self.cfg
+        if cfg.warmup_steps is None or cfg.warmup_steps < total_steps:
+            return
+        limit = (f"trainer.max_steps={cfg.max_steps}" if cfg.max_steps is not None and cfg.max_steps <= total_steps
+                 else f"trainer.max_epochs={cfg.max_epochs} of {steps_per_epoch} batches")
+        raise ConfigError("trainer.warmup_steps", cfg.warmup_steps,
+                          f"the run has only {total_steps} steps ({limit}); give fewer warmup steps than that, or "
+                          f"trainer.warmup_steps=null for warmup_fraction={cfg.warmup_fraction} of the run")
 
     def _initial_state(self, run: _Run) -> TrainState:
         """The checkpoint's state with ``trainer.resume`` (when one is found), else a fresh one and no history."""
@@ -246,6 +262,7 @@ class Trainer:
                     f"{bad}. Set trainer.skip_nonfinite=true to skip such steps.")
             log.warning("step %d skipped: non-finite %s", state.step, bad)
             state.skipped += 1
+            self._check_skipped(state, run.total_steps, final=False)
         else:
             run.optimizer.step()
             dist_utils.sum_router_loads(run.model)
@@ -270,6 +287,23 @@ class Trainer:
             run.bar.update(1)
             if bad is None:
                 run.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+
+    def _check_skipped(self, state: TrainState, total_steps: int, final: bool) -> None:
+        """A run that skipped more than ``max_skipped_fraction`` of its steps as non-finite did not
+        really train: ``NonFiniteLossError`` naming the count and the share, at the end (``final``),
+        or as soon as the run's share is certain to exceed the limit."""
+        limit = self.cfg.max_skipped_fraction
+        steps = state.step if final else total_steps
+        if not state.skipped or steps <= 0 or state.skipped <= limit * steps:
+            return
+        n = state.skipped
+        where = f"of the run's {steps}" if final else f"of the run's {steps} (by step {state.step})"
+        were = "were" if n != 1 else "was"
+        raise NonFiniteLossError(
+            f"{n} step{'s' if n != 1 else ''} {where} ({n / steps:.0%}) {were} skipped for a non-finite loss or "
+            f"gradient, more than trainer.max_skipped_fraction={limit} allows: the run did not really train. Lower "
+            f"trainer.lr or find the non-finite term (trainer.skip_nonfinite=false stops at the first one), or raise "
+            f"trainer.max_skipped_fraction.")
 
     def _checkpoint_if_due(self, run: _Run, state: TrainState) -> None:
         """The in-epoch checkpoint every ``checkpoint_every_steps`` (its time is not training time)."""
@@ -323,7 +357,9 @@ class Trainer:
 
     def _finish(self, run: _Run, state: TrainState) -> dict:
         """The final evaluation (unless the last epoch's is current), ``model.pt``, the final metrics,
-        ``on_fit_end`` and then ``metrics.json``, written once."""
+        ``on_fit_end`` and then ``metrics.json``, written once; none of it when the run skipped more
+        than ``max_skipped_fraction`` of its steps (``NonFiniteLossError``)."""
+        self._check_skipped(state, run.total_steps, final=True)
         if state.last_eval_step != state.step:  # e.g. resumed from a run that had already finished
             self._evaluate(run, state)
         state.wall_time_s = run.wall_before + time.perf_counter() - run.t_start
@@ -458,9 +494,8 @@ class Trainer:
             return
         full = dist_utils.full_state_dict(model)
         if self.is_main:
-            tmp = self.out_dir / "model.pt.tmp"
-            torch.save({k: v.detach().cpu() for k, v in full.items()}, tmp)
-            os.replace(tmp, self.out_dir / "model.pt")
+            weights = {k: v.detach().cpu() for k, v in full.items()}
+            write_atomic(self.out_dir / "model.pt", lambda f: torch.save(weights, f))
 
     def _save(self, run: _Run, state: TrainState) -> None:
         """Write the checkpoint in the unsharded layout (rank 0 writes; every rank takes part). A

@@ -24,7 +24,7 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
@@ -54,8 +54,8 @@ class AdaMoERouter(TokenChoiceCapacity, Router):
         total = num_experts + num_null_experts
         if top_k > total:
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= num_experts + num_null_experts={total}.")
-        if noise_std < 0:
-            raise ValueError(f"noise_std={noise_std} is not allowed: it must be >= 0.")
+        check_finite("noise_std", noise_std, ge=0)
+        check_finite("load_loss_weight", load_loss_weight, ge=0)
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.noise_std = noise_std

@@ -16,8 +16,10 @@ import math
 import torch
 from torch import nn
 
-from core.routing import Routing, positions_in_segment
-from core.checks import NotApplicableError, check_int
+from core.routing import (
+    Routing, check_float_input, check_token_ids, check_token_mask, positions_in_segment,
+)
+from core.checks import ConfigError, NotApplicableError, check_int, check_number
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -26,12 +28,30 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_finite(name: str, value, *, gt: float | None = None, ge: float | None = None):
+    """``value`` if it is a finite number ``> gt`` / ``>= ge``, else a ``ConfigError`` naming it (inf
+    and NaN are refused: a noise scale, temperature, rate or loss weight that is not finite turns the
+    first forward or step into NaNs)."""
+    check_number(name, value, gt=gt, ge=ge)
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (a string such as ``'no'`` would silently count as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "use true or false")
+    return value
+
+
 def check_capacity_factor(value) -> float | None:
+    """A finite number > 0, or None (dropless): an infinite capacity factor would size the expert
+    buffers as infinite (use null for dropless routing)."""
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not value > 0):
         raise ValueError(
-            f"capacity_factor={value!r} is not allowed: it must be a number > 0, "
+            f"capacity_factor={value!r} is not allowed: it must be a finite number > 0, "
             "or null for dropless routing."
         )
     return float(value)
@@ -101,6 +121,16 @@ class Router(nn.Module):
     - ``routing_group_size(seq_len)``: the group size it needs inside a sequence (Lory: a segment),
       or None for the caller's choice.
 
+    Inputs (checked for every router before ``forward`` runs; O(1) shape and dtype checks, no host
+    sync): ``x_GSD`` a floating-point G×S×D tensor with G >= 1 groups of S >= 1 tokens and D = ``dim``
+    (an empty group is a ``ValueError``: the ``MoE`` layer answers an empty batch without calling its
+    router); ``mask_GS`` None or G×S, bool or 0/1 integer (read as ``mask != 0``; float masks are
+    refused); ``token_ids_GS``, where given, G×S integers. A group whose tokens are all masked is
+    routed to no expert (soft routings dispatch nothing, merged routings still return weights) and
+    its auxiliary losses are 0. Non-finite values in ``x_GSD`` are not checked (that would need a host
+    sync): they propagate into the routing's weights, scores and losses as NaN, and no router raises
+    on them (a NaN token may be routed anywhere or dropped).
+
     Args:
         dim: D, the width of the tokens routed.
         num_experts: E.
@@ -129,6 +159,25 @@ class Router(nn.Module):
         """The routing group size this router needs in sequences of ``seq_len`` tokens (None: any)."""
         return None
 
+    def __call__(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
+        mask_GS = self.check_input(x_GSD, mask_GS, kwargs.get("token_ids_GS"))
+        return super().__call__(x_GSD, mask_GS, **kwargs)
+
+    def check_input(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None,
+                    token_ids_GS: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The input contract above (O(1)); returns ``mask_GS`` as a bool tensor (or None)."""
+        check_float_input("x_GSD", x_GSD, f"(G, S, dim={self.dim})")
+        if x_GSD.dim() != 3 or x_GSD.shape[-1] != self.dim:
+            raise ValueError(f"x_GSD has shape {tuple(x_GSD.shape)}; a router routes (G, S, dim={self.dim}) groups "
+                             "(the MoE layer reshapes any (..., dim) input into them).")
+        G, S, _ = x_GSD.shape
+        if G == 0 or S == 0:
+            raise ValueError(f"x_GSD has shape {tuple(x_GSD.shape)}; a router needs at least one group of at least one "
+                             "token (the MoE layer returns an empty output for an empty batch without routing).")
+        of = "the groups and tokens of x_GSD"
+        check_token_ids("token_ids_GS", token_ids_GS, (G, S), of)
+        return check_token_mask("mask_GS", mask_GS, (G, S), of)
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         raise NotImplementedError
 
@@ -145,7 +194,11 @@ class Router(nn.Module):
 
 
 def init_router_weight(num_experts: int, dim: int) -> nn.Parameter:
-    """E×D gate weight, LeCun-normal like vmoe's ``nn.Dense``."""
+    """E×D gate weight, LeCun-normal like vmoe's ``nn.Dense`` (refused, naming ``num_experts``, when it
+    would not fit in memory)."""
+    from core.memory import check_allocation
+
+    check_allocation(4.0 * num_experts * dim, f"a {num_experts:,}x{dim} router weight", "num_experts", num_experts)
     return nn.Parameter(torch.randn(num_experts, dim) / math.sqrt(dim))
 
 

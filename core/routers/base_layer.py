@@ -11,6 +11,8 @@ The output mixes the expert with the input,
 ``Routing.residual_T`` is ``1 − σ(x·w_a)``. No auxiliary loss.
 
 With a mask, only valid tokens are assigned and each expert takes at most ``ceil(valid/E)`` of them.
+Non-finite affinities (NaN or infinite inputs) count as 0 in the assignment (scipy refuses them; the
+check runs on the host copy the assignment needs anyway), and the token's output stays non-finite.
 Not token-local in training: a token's expert depends on the whole group.
 
 Legend: G groups, S tokens per group, D width, E experts, T = G·S tokens.
@@ -33,7 +35,11 @@ def balanced_assignment(affinity_SE: torch.Tensor, capacity: int) -> torch.Tenso
     S, E = affinity_SE.shape
     if capacity * E < S:
         raise ValueError(f"capacity={capacity} is not allowed: {E} experts cannot take {S} tokens.")
-    cost = -np.repeat(affinity_SE.detach().double().cpu().numpy(), capacity, axis=1)
+    affinity = affinity_SE.detach().double().cpu().numpy()  # the host copy syncs anyway: check it here
+    finite = np.isfinite(affinity)
+    if not finite.all():  # NaN/inf inputs: scipy refuses them; such a token's output is non-finite anyway
+        affinity = np.where(finite, affinity, 0.0)
+    cost = -np.repeat(affinity, capacity, axis=1)
     rows, cols = linear_sum_assignment(cost)
     expert_S = np.empty(S, dtype=np.int64)
     expert_S[rows] = cols // capacity

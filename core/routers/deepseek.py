@@ -27,8 +27,8 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
-    select_token_choice,
+    Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
+    init_router_weight, select_token_choice,
 )
 from core.routing import Routing
 
@@ -71,8 +71,10 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
         if n_group > 1 and top_k > topk_group * (num_experts // n_group):
             raise ValueError(f"top_k={top_k} is not allowed: only topk_group·E/n_group="
                              f"{topk_group * (num_experts // n_group)} experts are eligible.")
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate={bias_update_rate} is not allowed: it must be >= 0.")
+        check_finite("bias_update_rate", bias_update_rate, ge=0)
+        check_finite("route_scale", route_scale, gt=0)
+        check_finite("seq_aux_loss_weight", seq_aux_loss_weight, ge=0)
+        check_bool("renormalize", renormalize)
         self.top_k, self.score_func, self.route_scale = top_k, score_func, float(route_scale)
         self.renormalize = renormalize
         self.n_group, self.topk_group = n_group, topk_group

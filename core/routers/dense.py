@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import Router, init_router_weight
+from core.routers.base import Router, check_finite, init_router_weight
 from core.routing import Routing
 
 
@@ -23,8 +23,7 @@ class DenseRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, temperature: float = 1.0):
         super().__init__(dim, num_experts)
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} is not allowed: it must be > 0.")
+        check_finite("temperature", temperature, gt=0)
         self.temperature = temperature
         self.weight = init_router_weight(num_experts, dim)
 

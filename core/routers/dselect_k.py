@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from core.routers.base import Router, check_positive_int, select_token_choice
+from core.routers.base import Router, check_finite, check_positive_int, select_token_choice
 from core.routing import Routing
 
 
@@ -54,8 +54,9 @@ class DSelectKRouter(Router):
         super().__init__(dim, num_experts)
         check_positive_int("num_experts", num_experts, minimum=2)
         self.top_k = check_positive_int("top_k", top_k)
-        if not gamma > 0:
-            raise ValueError(f"gamma={gamma} is not allowed: it must be > 0.")
+        check_finite("gamma", gamma, gt=0)
+        check_finite("entropy_weight", entropy_weight, ge=0)
+        check_finite("invalid_code_weight", invalid_code_weight, ge=0)
         self.gamma = float(gamma)
         self.entropy_weight = entropy_weight
         self.invalid_code_weight = invalid_code_weight

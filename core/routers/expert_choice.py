@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from core.routers.base import (
-    Router, check_capacity_factor, check_positive_int, compute_capacity, init_router_weight,
+    Router, check_capacity_factor, check_finite, check_positive_int, compute_capacity, init_router_weight,
     select_expert_choice,
 )
 from core.routing import Routing
@@ -38,7 +38,7 @@ class ExpertChoiceRouter(Router):
             raise ValueError("capacity_factor=None is not allowed for expert choice: give a number > 0.")
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.capacity_multiple_of = check_positive_int("capacity_multiple_of", capacity_multiple_of)
-        self.noise_std = noise_std
+        self.noise_std = check_finite("noise_std", noise_std, ge=0)
         self.weight = init_router_weight(num_experts, dim)
 
     def capacity(self, group_size: int) -> int:

@@ -21,8 +21,8 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
-    select_token_choice,
+    Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
+    init_router_weight, select_token_choice,
 )
 from core.routing import Routing
 
@@ -53,7 +53,9 @@ class GShardRouter(TokenChoiceCapacity, Router):
             raise ValueError(f"eval_second_expert={eval_second_expert!r} is not allowed: use 'always' or 'threshold'.")
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.capacity_multiple_of = check_positive_int("capacity_multiple_of", capacity_multiple_of)
-        self.random_routing = random_routing
+        self.random_routing = check_bool("random_routing", random_routing)
+        check_finite("gshard_loss_weight", gshard_loss_weight, ge=0)
+        check_finite("z_loss_weight", z_loss_weight, ge=0)
         self.eval_second_expert = eval_second_expert
         self.gshard_loss_weight = gshard_loss_weight
         self.z_loss_weight = z_loss_weight

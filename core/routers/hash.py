@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import Router, select_token_choice
+from core.routers.base import Router, check_positive_int, select_token_choice
 from core.routing import Routing
 
 _PRIME = 2**31 - 1
@@ -33,6 +33,7 @@ class HashRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, seed: int = 0):
         super().__init__(dim, num_experts)
+        check_positive_int("seed", seed, minimum=0)
         gen = torch.Generator().manual_seed(int(seed))
         ab = torch.randint(1, _PRIME, (2,), generator=gen)
         self.seed = int(seed)

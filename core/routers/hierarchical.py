@@ -19,7 +19,7 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, init_router_weight,
     select_token_choice,
 )
 from core.routing import Routing
@@ -54,7 +54,7 @@ class HierarchicalRouter(TokenChoiceCapacity, Router):
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= experts per group={num_experts // H}.")
         self.num_expert_groups, self.top_groups, self.top_k = H, top_groups, top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
-        self.switch_loss_weight = switch_loss_weight
+        self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.group_weight = init_router_weight(H, dim)
         self.weight = init_router_weight(num_experts, dim)
 

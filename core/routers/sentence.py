@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from core import losses
-from core.routers.base import Router, check_positive_int, init_router_weight, select_token_choice
+from core.routers.base import (
+    Router, check_bool, check_finite, check_positive_int, init_router_weight, select_token_choice,
+)
 from core.routing import Routing
 
 
@@ -45,8 +47,8 @@ class SentenceRouter(Router):
         check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= num_experts={num_experts}.")
-        self.top_k, self.renormalize = top_k, renormalize
-        self.switch_loss_weight = switch_loss_weight
+        self.top_k, self.renormalize = top_k, check_bool("renormalize", renormalize)
+        self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.weight = init_router_weight(num_experts, dim)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:

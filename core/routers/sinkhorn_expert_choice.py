@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import select_expert_choice
+from core.routers.base import check_positive_int, select_expert_choice
 from core.routers.expert_choice import ExpertChoiceRouter
 from core.routing import Routing
 from core.transport import sinkhorn_plan
@@ -21,7 +21,7 @@ class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 2.0,
                  capacity_multiple_of: int = 1, noise_std: float = 1.0, num_iters: int = 20):
         super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, noise_std)
-        self.num_iters = num_iters
+        self.num_iters = check_positive_int("num_iters", num_iters)
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         logits_GSE = self.add_noise(self.linear_logits(x_GSD, self.weight), self.noise_std)

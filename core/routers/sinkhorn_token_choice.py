@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import select_token_choice
+from core.routers.base import check_positive_int, select_token_choice
 from core.routers.topk import TopKRouter
 from core.routing import Routing
 from core.transport import sinkhorn_plan
@@ -30,7 +30,7 @@ class SinkhornTokenChoiceRouter(TopKRouter):
                          capacity_multiple_of=capacity_multiple_of, batch_priority=batch_priority,
                          noise_std=noise_std, importance_loss_weight=importance_loss_weight,
                          load_loss_weight=load_loss_weight)
-        self.num_iters = num_iters
+        self.num_iters = check_positive_int("num_iters", num_iters)
 
     @property
     def is_causal(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import Router, init_router_weight
+from core.routers.base import Router, check_finite, init_router_weight
 from core.routers.sentence import masked_group_mean
 from core.routing import Routing
 
@@ -34,8 +34,7 @@ class SmearRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, temperature: float = 1.0):
         super().__init__(dim, num_experts)
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature} is not allowed: it must be > 0.")
+        check_finite("temperature", temperature, gt=0)
         self.temperature = float(temperature)
         self.weight = init_router_weight(num_experts, dim)
 

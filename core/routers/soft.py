@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from core.routers.base import Router, check_positive_int
+from core.routers.base import Router, check_finite, check_positive_int
 from core.routing import Routing
 
 
@@ -39,7 +39,7 @@ class SoftRouter(Router):
     def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, noise_std: float = 0.0):
         super().__init__(dim, num_experts)
         self.slots_per_expert = check_positive_int("slots_per_expert", slots_per_expert)
-        self.noise_std = noise_std
+        self.noise_std = check_finite("noise_std", noise_std, ge=0)
         self.phi_DEP = nn.Parameter(torch.randn(dim, num_experts, slots_per_expert) / math.sqrt(dim))
         self.scale = nn.Parameter(torch.ones(()))
 

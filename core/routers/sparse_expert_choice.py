@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import select_expert_choice
+from core.routers.base import check_finite, check_positive_int, select_expert_choice
 from core.routers.expert_choice import ExpertChoiceRouter
 from core.routing import Routing
 from core.transport import ksparse_plan
@@ -24,6 +24,9 @@ class SparseExpertChoiceRouter(ExpertChoiceRouter):
                  capacity_multiple_of: int = 1, noise_std: float = 1.0, num_steps: int = 20,
                  lr: float = 1e-2, gamma: float = 1.0):
         super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, noise_std)
+        check_positive_int("num_steps", num_steps)
+        check_finite("lr", lr, gt=0)
+        check_finite("gamma", gamma, gt=0)
         self.num_steps, self.lr, self.gamma = num_steps, lr, gamma
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:

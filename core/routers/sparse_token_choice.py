@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from core.routers.base import select_token_choice
+from core.routers.base import check_finite, check_positive_int, select_token_choice
 from core.routers.topk import TopKRouter
 from core.routing import Routing
 from core.transport import ksparse_plan
@@ -28,6 +28,9 @@ class SparseTokenChoiceRouter(TopKRouter):
         super().__init__(dim, num_experts, top_k=top_k, capacity_factor=capacity_factor,
                          capacity_multiple_of=capacity_multiple_of, batch_priority=batch_priority,
                          noise_std=noise_std, importance_loss_weight=0.0, load_loss_weight=0.0)
+        check_positive_int("num_steps", num_steps)
+        check_finite("lr", lr, gt=0)
+        check_finite("gamma", gamma, gt=0)
         self.num_steps, self.lr, self.gamma = num_steps, lr, gamma
 
     @property

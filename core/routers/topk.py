@@ -15,8 +15,8 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, init_router_weight,
-    select_token_choice,
+    Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
+    init_router_weight, select_token_choice,
 )
 from core.routing import Routing
 
@@ -57,14 +57,17 @@ class TopKRouter(TokenChoiceCapacity, Router):
         check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= num_experts={num_experts}.")
-        if noise_std < 0:
-            raise ValueError(f"noise_std={noise_std} is not allowed: it must be >= 0.")
+        check_finite("noise_std", noise_std, ge=0)
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.capacity_multiple_of = check_positive_int("capacity_multiple_of", capacity_multiple_of)
-        self.batch_priority = batch_priority
+        self.batch_priority = check_bool("batch_priority", batch_priority)
         self.noise_std = noise_std
-        self.renormalize = renormalize
+        self.renormalize = check_bool("renormalize", renormalize)
+        for name, weight in (("importance_loss_weight", importance_loss_weight), ("load_loss_weight", load_loss_weight),
+                             ("switch_loss_weight", switch_loss_weight), ("gshard_loss_weight", gshard_loss_weight),
+                             ("z_loss_weight", z_loss_weight)):
+            check_finite(name, weight, ge=0)
         self.loss_weights = dict(
             importance=importance_loss_weight, load=load_loss_weight, switch=switch_loss_weight,
             gshard=gshard_loss_weight, z=z_loss_weight,

@@ -20,7 +20,7 @@ from torch import nn
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_positive_int, select_token_choice,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, select_token_choice,
 )
 from core.routing import Routing
 
@@ -49,11 +49,10 @@ class XMoERouter(TokenChoiceCapacity, Router):
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= num_experts={num_experts}.")
         check_positive_int("routing_dim", routing_dim)
-        if not temperature_init > 0:
-            raise ValueError(f"temperature_init={temperature_init} is not allowed: it must be > 0.")
+        check_finite("temperature_init", temperature_init, gt=0)
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
-        self.switch_loss_weight = switch_loss_weight
+        self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.proj_RD = nn.Parameter(torch.randn(routing_dim, dim) / math.sqrt(dim))
         # orthogonal expert embeddings (as the official code) so the experts start well separated
         self.expert_emb_ER = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, routing_dim)))
