@@ -1,0 +1,436 @@
+"""The Hugging Face bridge: a local ``transformers`` checkpoint whose FFNs are core ``MoE`` layers.
+
+``load_hf_lm(path)`` builds the model with ``transformers.AutoModelForCausalLM.from_pretrained(path,
+local_files_only=True)`` (attention, rotary embeddings and norms stay transformers' own) and replaces
+the ``mlp`` of every decoder layer:
+
+- a sparse MoE block (Mixtral, Jiang et al. 2024; Qwen2-MoE / Qwen3-MoE; OLMoE, Muennighoff et al.
+  2024; DeepSeek-V3, arXiv 2412.19437) becomes a ``core.moe.MoE`` with the checkpoint's expert
+  weights (``gate_up_proj`` E×2F×D, gate rows first, and ``down_proj`` E×D×F into the stacked GLU
+  ``w1``/``w3``/``w2``) and the core router that applies the same rule to the same gate weight:
+  ``TopKRouter`` (softmax, top-k, renormalised when Mixtral or ``norm_topk_prob``) or
+  ``DeepSeekRouter`` (sigmoid scores, ``e_score_correction_bias`` for selection only, ``n_group`` /
+  ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``). DeepSeek's shared experts become the
+  layer's ``num_shared_experts``; Qwen2-MoE's shared expert and its sigmoid ``shared_expert_gate``
+  stay transformers' modules, held by the adapter;
+- a dense gate/up/down FFN (Llama, Qwen2, DeepSeek's first dense layers) is kept as it is, or, with
+  ``upcycle=True``, becomes an MoE of E copies of it (sparse upcycling, Komatsuzaki et al., "Sparse
+  Upcycling", ICLR 2023): with a dropless router whose gates sum to 1 per token the model's output
+  is unchanged.
+
+``router=`` (a ``router(dim=D, num_experts=E)`` partial, as ``+router=<name>`` gives) replaces the
+router of every MoE layer; a new router whose gate is a ``weight`` of E (or more) rows starts from
+the trained gate (AdaMoE, Zeng et al. 2024: the n true experts' rows copied, the m null rows left at
+the new router's initialisation; DeepSeek's bias starts at zero; Switch/GShard/top-k copy it).
+
+``save_hf(model, dir)`` writes a model whose routers still follow the checkpoint's rule back as a
+Hugging Face directory (``save_pretrained``); other routers have no transformers counterpart and are
+refused (save ``model.pt`` in the suite's format instead).
+
+Routing groups are whole sequences (the MoE layer's default); padding is kept out of routing when
+``forward`` gets an ``attention_mask``. transformers' own ``output_router_logits`` auxiliary loss is
+not used: the core routers' losses are (``core.collect_aux_loss``).
+
+Legend: B batch, T sequence length, D width, F expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from core.checks import ConfigError
+from core.moe import MoE
+from core.routers.base import Router
+from core.routers.deepseek import DeepSeekRouter
+from core.routers.topk import TopKRouter
+
+__all__ = ["HFCausalLM", "HFMoEBlock", "load_hf_lm", "read_hf_config", "save_hf", "SUPPORTED_MOE"]
+
+log = logging.getLogger(__name__)
+
+# model_type -> the router rule of its sparse block (read from transformers' modeling_<arch>.py, 5.x)
+SUPPORTED_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def read_hf_config(path, key: str = "model.path"):
+    """The checkpoint's ``transformers`` config, read from ``<path>/config.json`` only (no download);
+    a ``ConfigError`` naming ``key`` when the directory or its config is missing or unreadable."""
+    from transformers import AutoConfig
+
+    p = Path(str(path)).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(key, str(path), "give a local Hugging Face directory with config.json and safetensors "
+                          "weights (as save_pretrained writes it)")
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, OSError, KeyError) as err:
+        raise ConfigError(key, str(path), f"transformers cannot read its config.json ({err})") from None
+
+
+def _num_experts(config) -> int:
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
+
+
+def checkpoint_router(config, dim: int, num_experts: int) -> Router:
+    """The core router that applies the checkpoint's routing rule (weights still to be copied)."""
+    k = int(config.num_experts_per_tok)
+    if config.model_type == "deepseek_v3":
+        return DeepSeekRouter(dim, num_experts, top_k=k, score_func="sigmoid",
+                              route_scale=float(config.routed_scaling_factor), renormalize=bool(config.norm_topk_prob),
+                              n_group=int(config.n_group or 1), topk_group=int(config.topk_group or 1),
+                              bias_update_rate=1e-3)
+    renormalize = True if config.model_type == "mixtral" else bool(config.norm_topk_prob)
+    # transformers' load-balancing loss (when output_router_logits) is K times the suite's Switch loss
+    switch = float(config.router_aux_loss_coef) * k if getattr(config, "output_router_logits", False) else 0.0
+    return TopKRouter(dim, num_experts, top_k=k, capacity_factor=None, noise_std=0.0, renormalize=renormalize,
+                      importance_loss_weight=0.0, load_loss_weight=0.0, switch_loss_weight=switch)
+
+
+def _same_rule(router: Router, config) -> str | None:
+    """None when ``router`` routes exactly as the checkpoint's block would, else why not."""
+    want = checkpoint_router(config, router.dim, router.num_experts)
+    if type(router) is not type(want):
+        return f"{type(router).__name__} is not {config.model_type}'s router ({type(want).__name__})"
+    keys = (("top_k", "score_func", "route_scale", "renormalize", "n_group", "topk_group", "capacity_factor")
+            if isinstance(want, DeepSeekRouter) else ("top_k", "renormalize", "capacity_factor"))
+    for k in keys:
+        if getattr(router, k) != getattr(want, k):
+            return f"its {k}={getattr(router, k)!r} differs from {config.model_type}'s {getattr(want, k)!r}"
+    return None
+
+
+class HFMoEBlock(nn.Module):
+    """Adapter in place of a transformers sparse MoE block (or an upcycled dense FFN): ``forward``
+    takes the decoder layer's hidden states (B, T, D) and returns (B, T, D), as transformers 5.x blocks do.
+
+    Args:
+        moe: the core MoE layer (routed experts, optional DeepSeek shared experts).
+        shared_expert, shared_expert_gate: Qwen2-MoE's shared FFN and its gate, added as
+            ``σ(x g) · shared(x)``; None otherwise.
+        source: the transformers module class it replaced (for ``save_hf``), or None (upcycled).
+    """
+
+    def __init__(self, moe: MoE, shared_expert: nn.Module | None = None, shared_expert_gate: nn.Module | None = None,
+                 source: type | None = None):
+        super().__init__()
+        self.moe = moe
+        self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+        self.source = source
+        # set by HFCausalLM.forward for the current batch: padding mask and token ids (hash routing)
+        self.mask_BT: torch.Tensor | None = None
+        self.token_ids_BT: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        mask, ids = self.mask_BT, self.token_ids_BT
+        if mask is not None and mask.shape != x_BTD.shape[:-1]:
+            mask = None
+        if ids is not None and ids.shape != x_BTD.shape[:-1]:
+            ids = None  # e.g. transformers' own generate() with a cache: one new position at a time
+        y_BTD = self.moe(x_BTD, mask=mask, token_ids=ids)
+        if self.shared_expert is not None:
+            y_BTD = y_BTD + torch.sigmoid(self.shared_expert_gate(x_BTD)) * self.shared_expert(x_BTD)
+        return y_BTD
+
+
+def _glu_parts(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    """(gate, up, down) linears of a transformers gated FFN (LlamaMLP, Qwen2MLP...), else None."""
+    parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    return parts if all(isinstance(p, nn.Linear) for p in parts) else None
+
+
+def _is_sparse_block(mlp: nn.Module) -> bool:
+    experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    return (experts is not None and isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter)
+            and isinstance(getattr(gate, "weight", None), torch.Tensor))
+
+
+def _act_layer(config) -> Callable[[], nn.Module]:
+    name = getattr(config, "hidden_act", "silu")
+    if name not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={name!r} is not supported by the bridge: core GLU experts use SiLU (SwiGLU).")
+    return nn.SiLU
+
+
+def _moe_from_block(block: nn.Module, config) -> HFMoEBlock:
+    """A core MoE carrying a transformers sparse block's weights and its router rule."""
+    gate_up_EtD, down_EDF = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    E, F2, D = gate_up_EtD.shape
+    F = F2 // 2
+    shared = getattr(block, "shared_experts", None)  # DeepSeek: always-on FFN of width n_shared·F
+    n_shared = int(getattr(config, "n_shared_experts", 0) or 0) if shared is not None else 0
+    moe = MoE(D, F, act_layer=_act_layer(config), bias=False, num_experts=E,
+              router=checkpoint_router(config, D, E), glu=True, num_shared_experts=n_shared,
+              device=gate_up_EtD.device, dtype=gate_up_EtD.dtype)
+    with torch.no_grad():
+        ex = moe.experts
+        ex.w1_EDF.copy_(gate_up_EtD[:, :F].transpose(1, 2))
+        ex.w3_EDF.copy_(gate_up_EtD[:, F:].transpose(1, 2))
+        ex.w2_EFO.copy_(down_EDF.transpose(1, 2))
+        moe.router.weight.copy_(block.gate.weight.detach().float())
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        if bias is not None:
+            moe.router.expert_bias_E.copy_(bias.detach().float())
+        if n_shared:
+            g, u, d = _glu_parts(shared)
+            moe.shared_experts.load_dense_mlp(g, d, u)
+    return HFMoEBlock(moe, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None),
+                      source=type(block))
+
+
+def _upcycled(mlp: nn.Module, config, num_experts: int, router) -> HFMoEBlock:
+    """A dense gate/up/down FFN as an MoE of ``num_experts`` copies (sparse upcycling)."""
+    g, u, d = _glu_parts(mlp)
+    if any(p.bias is not None for p in (g, u, d)):
+        raise ValueError(f"{type(mlp).__name__} has biases: upcycling supports bias-free gated FFNs (mlp_bias=false).")
+    router = router if router is not None else _default_upcycle_router()
+    moe = MoE(g.in_features, g.out_features, d.out_features, act_layer=_act_layer(config), bias=False,
+              num_experts=num_experts, router=router, glu=True, device=g.weight.device, dtype=g.weight.dtype)
+    moe.experts.load_dense_mlp(g, d, u)
+    return HFMoEBlock(moe, source=None)
+
+
+def _default_upcycle_router():
+    """Mixtral's rule for upcycled layers: top-2, renormalised, dropless (the suite's ``mixtral``)."""
+    from nlp.models import default_router
+
+    return default_router()
+
+
+def swap_router(moe: MoE, make_router: Callable[..., Router]) -> Router:
+    """Give ``moe`` the router ``make_router(dim=D, num_experts=E)``; a new gate ``weight`` with at
+    least E rows starts from the old one's rows (the extra rows keep the new router's initialisation)."""
+    old = moe.router
+    new = make_router if isinstance(make_router, Router) else make_router(dim=moe.in_features,
+                                                                          num_experts=moe.num_experts)
+    w_old, w_new = getattr(old, "weight", None), getattr(new, "weight", None)
+    if (isinstance(w_old, torch.Tensor) and isinstance(w_new, torch.Tensor) and w_old.dim() == w_new.dim() == 2
+            and w_new.shape[1] == w_old.shape[1] and w_new.shape[0] >= w_old.shape[0]):
+        with torch.no_grad():
+            w_new[: w_old.shape[0]].copy_(w_old.to(w_new.dtype))
+    if isinstance(w_old, torch.Tensor):
+        new = new.to(w_old.device)
+    moe.router = new
+    return new
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM whose FFNs are core MoE layers, with the suite's LM interface:
+    ``forward(input_ids (B, T), attention_mask=None) -> logits (B, T, V)``.
+
+    Args:
+        hf_model: the ``transformers`` model, its MLPs already replaced (``load_hf_lm`` builds it).
+        max_seq_len: the longest sequence the runs feed it (for the suite's checks).
+        allow_noncausal_routing: keep a router that lets a token see later tokens (a non-causal LM).
+    """
+
+    def __init__(self, hf_model: nn.Module, max_seq_len: int | None = None, allow_noncausal_routing: bool = False):
+        super().__init__()
+        self.hf = hf_model
+        self.config = hf_model.config
+        self.vocab_size = int(hf_model.config.vocab_size)
+        self.max_seq_len = int(max_seq_len or getattr(hf_model.config, "max_position_embeddings", 0) or 0)
+        self.allow_noncausal_routing = bool(allow_noncausal_routing)
+        self.upcycled_from: str | None = None
+        self._check_causal_routing()
+
+    def layer_blocks(self) -> list[tuple[int, HFMoEBlock]]:
+        return [(i, layer.mlp) for i, layer in enumerate(self.hf.model.layers) if isinstance(layer.mlp, HFMoEBlock)]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, _ in self.layer_blocks()]
+
+    def moe_modules(self) -> list[MoE]:
+        return [b.moe for _, b in self.layer_blocks()]
+
+    def routers(self) -> list[Router]:
+        return [m.router for m in self.moe_modules()]
+
+    @property
+    def is_causal(self) -> bool:
+        return all(r.is_causal for r in self.routers())
+
+    def _check_causal_routing(self) -> None:
+        from nlp.models import NonCausalRoutingError
+
+        if self.allow_noncausal_routing:
+            return
+        for i, block in self.layer_blocks():
+            if not block.moe.router.is_causal:
+                raise NonCausalRoutingError(
+                    f"router {type(block.moe.router).__name__} (layer {i}) is not causal: the language model would "
+                    "see the future. Fix: use a causal router (mixtral, topk with capacity_factor=null, adamoe, "
+                    "deepseek, ...), or set model.allow_noncausal_routing=true.")
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); ``attention_mask`` (B, T), 1 = real token."""
+        mask_BT = None if attention_mask_BT is None else attention_mask_BT.to(torch.bool)
+        blocks = [b for _, b in self.layer_blocks()]
+        for b in blocks:
+            b.mask_BT, b.token_ids_BT = mask_BT, input_ids_BT
+        try:
+            out = self.hf(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+        finally:
+            for b in blocks:
+                b.mask_BT = b.token_ids_BT = None
+        return out.logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # the suite LM's parameter accounting reads only moe_modules() and num_parameters(): one definition
+    @staticmethod
+    def _routed_parameters(moe: MoE) -> int:
+        from nlp.models import MoETransformerLM
+
+        return MoETransformerLM._routed_parameters(moe)
+
+    def expert_parameters(self) -> list[int]:
+        from nlp.models import MoETransformerLM
+
+        return MoETransformerLM.expert_parameters(self)
+
+    def active_parameters(self, experts_per_token: Sequence[float] | None = None) -> float:
+        from nlp.models import MoETransformerLM
+
+        return MoETransformerLM.active_parameters(self, experts_per_token)
+
+
+def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int | None = None,
+               router: Callable[..., Router] | None = None, vocab_size: int | None = None,
+               max_seq_len: int | None = None, dtype: str = "float32", allow_noncausal_routing: bool = False,
+               **ignored) -> HFCausalLM:
+    """Load a local Hugging Face causal LM with core MoE FFNs (see the module docstring).
+
+    Args:
+        path: directory with ``config.json`` and safetensors weights (``save_pretrained``'s layout).
+        upcycle: turn every dense gate/up/down FFN into an MoE of ``num_experts`` copies.
+        num_experts: E copies when upcycling (default 8); a MoE checkpoint fixes its own E.
+        router: ``router(dim=D, num_experts=E)`` for every MoE layer; None keeps the checkpoint's rule
+            (upcycled layers: Mixtral's top-2).
+        vocab_size: the data's vocabulary; the checkpoint's must be at least as large.
+        max_seq_len: the run's sequence length.
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto`` (the checkpoint's).
+        allow_noncausal_routing: accept a router that sees later tokens.
+        **ignored: the suite model's shape keys (``dim``, ``depth``, ``num_heads``... set by
+            ``debug=default``): the checkpoint fixes the shape, so they are logged and not used.
+
+    Example::
+
+        model = load_hf_lm("ckpt/mixtral-tiny")
+        logits = model(torch.randint(0, 256, (2, 32)))
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = read_hf_config(path)
+    if vocab_size is not None and int(config.vocab_size) < int(vocab_size):
+        raise ConfigError("model.path", str(path), f"the checkpoint's vocabulary has {config.vocab_size} tokens and "
+                          f"the data's tokenizer {vocab_size}: use data.tokenizer=<the checkpoint's tokenizer> or a "
+                          f"checkpoint with vocab_size >= {vocab_size}")
+    used = {k: v for k, v in ignored.items() if v is not None}
+    if used:
+        log.warning("model keys %s are not used: the Hugging Face checkpoint %s fixes the model's shape",
+                    sorted(used), path)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, str(dtype), None)
+    if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
+        raise ConfigError("model.dtype", dtype, "use float32, bfloat16, float16 or auto")
+    hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+    hf.eval()
+    return convert_hf_model(hf, upcycle=upcycle, num_experts=num_experts, router=router, max_seq_len=max_seq_len,
+                            allow_noncausal_routing=allow_noncausal_routing)
+
+
+def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | None = None,
+                     router: Callable[..., Router] | None = None, max_seq_len: int | None = None,
+                     allow_noncausal_routing: bool = False) -> HFCausalLM:
+    """``load_hf_lm`` on a transformers model already in memory (its MLPs are replaced in place)."""
+    config = hf.config
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(hf).__name__} has no model.layers: the bridge reads decoder-only transformers LMs.")
+    E_up = 8 if num_experts is None else int(num_experts)
+    if upcycle and E_up < 1:
+        raise ConfigError("model.num_experts", num_experts, "upcycling needs at least 1 expert")
+    for layer in layers:
+        mlp = layer.mlp
+        if _is_sparse_block(mlp):
+            if config.model_type not in SUPPORTED_MOE:
+                raise ValueError(f"model_type={config.model_type!r} has a sparse MoE block the bridge has no router "
+                                 f"mapping for: supported MoE checkpoints are {list(SUPPORTED_MOE)}.")
+            layer.mlp = _moe_from_block(mlp, config)
+        elif upcycle and _glu_parts(mlp) is not None:
+            layer.mlp = _upcycled(mlp, config, E_up, router)
+    model = HFCausalLM(hf, max_seq_len, allow_noncausal_routing=True)
+    if upcycle:
+        model.upcycled_from = config.model_type
+    if router is not None:
+        for m in model.moe_modules():
+            swap_router(m, router)
+    model.allow_noncausal_routing = bool(allow_noncausal_routing)
+    model._check_causal_routing()
+    return model
+
+
+# ------------------------------------------------------------------------------------------ write back
+
+
+def _restore_block(block: HFMoEBlock, config) -> nn.Module:
+    """A transformers sparse block of ``block.source`` with ``block``'s weights."""
+    hf_block = block.source(config)
+    moe, ex = block.moe, block.moe.experts
+    dt = hf_block.experts.gate_up_proj.dtype
+    with torch.no_grad():
+        hf_block.experts.gate_up_proj.copy_(torch.cat([ex.w1_EDF, ex.w3_EDF], dim=2).transpose(1, 2).to(dt))
+        hf_block.experts.down_proj.copy_(ex.w2_EFO.transpose(1, 2).to(dt))
+        hf_block.gate.weight.copy_(moe.router.weight.to(hf_block.gate.weight.dtype))
+        if isinstance(moe.router, DeepSeekRouter):
+            hf_block.gate.e_score_correction_bias.copy_(moe.router.expert_bias_E)
+        if moe.shared_experts is not None:
+            s, se = hf_block.shared_experts, moe.shared_experts
+            s.gate_proj.weight.copy_(se.w1_EDF[0].t())
+            s.up_proj.weight.copy_(se.w3_EDF[0].t())
+            s.down_proj.weight.copy_(se.w2_EFO[0].t())
+        if block.shared_expert is not None:
+            hf_block.shared_expert = block.shared_expert
+            hf_block.shared_expert_gate = block.shared_expert_gate
+    return hf_block.to(ex.w1_EDF.device)
+
+
+def save_hf(model: HFCausalLM, directory: str | os.PathLike) -> Path:
+    """Write ``model`` as a Hugging Face directory (``save_pretrained``) that
+    ``AutoModelForCausalLM.from_pretrained`` loads with the same logits. Only models whose every MoE
+    layer still routes by the checkpoint's own rule can be written; the others raise ``ValueError``
+    (transformers has no such router: save ``model.pt`` in the suite's format)."""
+    if not isinstance(model, HFCausalLM):
+        raise ValueError(f"save_hf writes models loaded by nlp.hf.load_hf_lm, not {type(model).__name__}: "
+                         "suite models are saved in the suite's format (model.pt).")
+    config = model.config
+    for i, block in model.layer_blocks():
+        why = None
+        if block.source is None:
+            why = f"layer {i} was upcycled from a dense {config.model_type} FFN, which transformers' " \
+                  f"{config.model_type} cannot hold"
+        else:
+            why = _same_rule(block.moe.router, config)
+            why = None if why is None else f"layer {i}'s router {why}"
+        if why is not None:
+            raise ValueError(f"cannot save in Hugging Face format: {why}; transformers has no such MoE layer, "
+                             "so the model is saved in the suite's format (model.pt) instead.")
+    layers = model.hf.model.layers
+    adapters = {i: block for i, block in model.layer_blocks()}
+    try:
+        for i, block in adapters.items():
+            layers[i].mlp = _restore_block(block, config)
+        out = Path(directory)
+        model.hf.save_pretrained(str(out))
+    finally:
+        for i, block in adapters.items():
+            layers[i].mlp = block
+    return out
+

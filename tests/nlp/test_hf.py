@@ -1,0 +1,120 @@
+"""The Hugging Face bridge (nlp/hf.py): tiny random checkpoints built offline by transformers and
+saved with ``save_pretrained`` load with core MoE FFNs and give transformers' logits; dense
+checkpoints upcycle exactly; routers swap; models write back. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import core
+from core.routers.adamoe import AdaMoERouter
+from core.routers.deepseek import DeepSeekRouter
+from core.routers.topk import TopKRouter
+from nlp.hf import HFCausalLM, load_hf_lm, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300  # >= the byte tokenizer's 259
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64)
+
+
+def _configs():
+    T = transformers
+    return {
+        "mixtral": lambda: T.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+                                              num_experts_per_tok=2, shared_expert_intermediate_size=40,
+                                              norm_topk_prob=False),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=24,
+                                              num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+        "olmoe": lambda: T.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+        "deepseek_v3": lambda: T.DeepseekV3Config(
+            **COMMON, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8),
+        "llama": lambda: T.LlamaConfig(**COMMON, intermediate_size=48),
+        "qwen2": lambda: T.Qwen2Config(**COMMON, intermediate_size=48),
+    }
+
+
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+
+
+def save_tiny(arch: str, directory, seed: int = 0):
+    """A tiny random ``arch`` model saved into ``directory``; returns the transformers model (eval)."""
+    torch.manual_seed(seed)
+    config = _configs()[arch]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "deepseek_v3":  # a nonzero selection bias, so that its mapping is tested too
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    for name, p in model.named_parameters():  # spread the random router weights so top-k ties cannot happen
+        if name.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(str(directory))
+    return model.eval()
+
+
+def _ids(seed: int = 1, shape=(2, 24)) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(arch: str, directory: str) -> torch.Tensor:
+    ref = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    with torch.no_grad():
+        return ref(input_ids=_ids()).logits
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_checkpoint_matches_transformers(arch, tmp_path):
+    save_tiny(arch, tmp_path)
+    want = _reference(arch, str(tmp_path))
+    model = load_hf_lm(tmp_path)
+    assert isinstance(model, HFCausalLM) and model.moe_layers
+    with torch.no_grad():
+        got = model(_ids())
+    diff = (got - want).abs().max().item()
+    print(f"{arch}: max abs logit diff {diff:.3e}")
+    assert diff < 1e-5
+    stats = core.routing_stats(model)
+    assert len(stats["layers"]) == len(model.moe_layers)
+    k = transformers.AutoConfig.from_pretrained(str(tmp_path)).num_experts_per_tok
+    assert stats["experts_per_token"] == pytest.approx(k)
+    expected_router = DeepSeekRouter if arch == "deepseek_v3" else TopKRouter
+    assert all(type(r) is expected_router for r in model.routers())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dense_checkpoint_loads_unchanged_and_upcycles_exactly(arch, tmp_path):
+    save_tiny(arch, tmp_path)
+    want = _reference(arch, str(tmp_path))
+    dense = load_hf_lm(tmp_path)
+    assert dense.moe_layers == []
+    up = load_hf_lm(tmp_path, upcycle=True, num_experts=4)
+    assert up.moe_layers == [0, 1]
+    with torch.no_grad():
+        d_dense = (dense(_ids()) - want).abs().max().item()
+        d_up = (up(_ids()) - want).abs().max().item()
+    print(f"{arch}: dense {d_dense:.3e}, upcycled E=4 top-2 {d_up:.3e}")
+    assert d_dense < 1e-5 and d_up < 1e-5
+    assert core.routing_stats(up)["experts_per_token"] == pytest.approx(2.0)
+
+
+def test_router_swap_starts_from_the_trained_gate(tmp_path):
+    save_tiny("mixtral", tmp_path)
+    original = load_hf_lm(tmp_path)
+    ada = functools.partial(AdaMoERouter, num_null_experts=4, top_k=4)
+    model = load_hf_lm(tmp_path, router=ada)
+    for old, new in zip(original.routers(), model.routers()):
+        assert isinstance(new, AdaMoERouter) and new.weight.shape == (8, 32)
+        torch.testing.assert_close(new.weight[:4], old.weight)
+    with torch.no_grad():
+        model(_ids())
+    assert 0 < core.routing_stats(model)["experts_per_token"] < 4
