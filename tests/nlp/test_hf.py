@@ -118,3 +118,47 @@ def test_router_swap_starts_from_the_trained_gate(tmp_path):
     with torch.no_grad():
         model(_ids())
     assert 0 < core.routing_stats(model)["experts_per_token"] < 4
+
+
+def _train_steps(model: HFCausalLM, steps: int = 2) -> None:
+    """A few AdamW steps on random ids, so that the written weights differ from the loaded ones."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        ids = _ids(seed=10 + step, shape=(2, 16))
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        (loss + core.collect_aux_loss(model)).backward()
+        opt.step()
+        opt.zero_grad()
+        core.after_optimizer_step(model)
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_write_back_gives_the_same_logits(arch, tmp_path):
+    save_tiny(arch, tmp_path / "in")
+    model = load_hf_lm(tmp_path / "in")
+    _train_steps(model)
+    save_hf(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    with torch.no_grad():
+        got, want = back(input_ids=_ids()).logits, model(_ids())
+        before = _reference(arch, str(tmp_path / "in"))
+    diff = (got - want).abs().max().item()
+    print(f"{arch}: written back after 2 steps, max abs logit diff {diff:.3e}")
+    assert diff < 1e-5
+    assert (want - before).abs().max().item() > 1e-3  # the steps changed the model, so the test means something
+    assert isinstance(model.hf.model.layers[-1].mlp, type(model.layer_blocks()[0][1]))  # adapters back in place
+
+
+def test_write_back_refuses_routers_transformers_lacks(tmp_path):
+    save_tiny("mixtral", tmp_path / "in")
+    model = load_hf_lm(tmp_path / "in", router=functools.partial(AdaMoERouter, num_null_experts=4, top_k=4))
+    with pytest.raises(ValueError, match=r"AdaMoERouter is not mixtral's router .*suite's format \(model.pt\)"):
+        save_hf(model, tmp_path / "out")
+    save_tiny("llama", tmp_path / "dense")
+    up = load_hf_lm(tmp_path / "dense", upcycle=True, num_experts=4)
+    with pytest.raises(ValueError, match="upcycled from a dense llama FFN"):
+        save_hf(up, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
