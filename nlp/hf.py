@@ -50,7 +50,8 @@ from core.routers.base import Router
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 
-__all__ = ["HFCausalLM", "HFMoEBlock", "load_hf_lm", "read_hf_config", "save_hf", "SUPPORTED_MOE"]
+__all__ = ["HFCausalLM", "HFMoEBlock", "SUPPORTED_MOE", "convert_hf_model", "load_hf_lm", "read_hf_config", "save_hf",
+           "swap_router", "validate_hf_model"]
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +376,51 @@ def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | No
     model.allow_noncausal_routing = bool(allow_noncausal_routing)
     model._check_causal_routing()
     return model
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+BYTE_VOCAB = 259  # nlp.data's byte tokenizer: 256 bytes and 3 specials
+
+
+def validate_hf_model(cfg) -> int | None:
+    """The checks of ``model=hf`` before any data is read (``conf/nlp/model/hf.yaml``): the checkpoint
+    directory, its vocabulary against the byte tokenizer, ``upcycle``/``num_experts``, and the router
+    for the checkpoint's expert count. ``cfg.model.num_experts`` is set to the experts a MoE layer
+    will have (the checkpoint's, or the upcycled copies); returns it (None: a dense model)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from core.checks import check_int
+    from core.validate import check_router
+
+    m, d = cfg.model, cfg.data
+    if OmegaConf.is_missing(m, "path") or m.path is None:
+        raise ConfigError("model.path", "???", "give a local Hugging Face checkpoint directory, e.g. model.path=ckpt/")
+    config = read_hf_config(m.path)
+    if d.tokenizer == "byte" and int(config.vocab_size) < BYTE_VOCAB:
+        raise ConfigError("model.path", str(m.path), f"the checkpoint's vocabulary has {config.vocab_size} tokens, fewer "
+                          f"than the byte tokenizer's {BYTE_VOCAB} ids: use a checkpoint with vocab_size >= {BYTE_VOCAB}")
+    if not isinstance(m.get("upcycle"), bool):
+        raise ConfigError("model.upcycle", m.get("upcycle"), "use true or false")
+    check_int("model.num_experts", m.get("num_experts"), optional=True)
+    E = _num_experts(config) if config.model_type in SUPPORTED_MOE else 0
+    if E:
+        if m.get("num_experts") not in (None, E):
+            log.warning("model.num_experts=%s is not used: checkpoint %s has %d experts per MoE layer",
+                        m.num_experts, m.path, E)
+    elif m.upcycle:
+        E = m.get("num_experts") or 8
+    elif _num_experts(config):
+        raise ConfigError("model.path", str(m.path), f"model_type={config.model_type!r} is a MoE the bridge has no "
+                          f"router mapping for: supported MoE checkpoints are {list(SUPPORTED_MOE)}")
+    with open_dict(m):
+        m.num_experts = E or None
+    if not E:
+        return None
+    check_router(m.get("router"), E, key="router", domain="nlp", token_ids=True, group_size=d.seq_len,
+                 group_key="data.seq_len", seq_len=d.seq_len, expert_parallel=cfg.trainer.get("expert_parallel") is True)
+    return E
 
 
 # ------------------------------------------------------------------------------------------ write back

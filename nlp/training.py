@@ -19,6 +19,8 @@ from nlp.models import MoETransformerLM
 
 __all__ = ["build_model", "lm_evaluate", "lm_loss", "validate_config"]
 
+HF_TARGET = "nlp.hf.load_hf_lm"  # conf/nlp/model/hf.yaml: a Hugging Face checkpoint (nlp/hf.py)
+
 
 def build_model(cfg: DictConfig, vocab_size: int) -> MoETransformerLM:
     """The model of ``cfg.model`` (its ``router`` key reads the top-level ``router`` group). A
@@ -77,7 +79,10 @@ def validate_config(cfg: DictConfig) -> int | None:
     router (with the MoE group size it will see), the text file and data sizes, the trainer; raises
     ``ConfigError`` naming the key; returns the experts of a MoE layer (None for the dense model)."""
     m, d = cfg.model, cfg.data
-    check_target("model._target_", m.get("_target_"), MoETransformerLM, ": use model=<name> with a conf/nlp/model config")
+    hf = m.get("_target_") == HF_TARGET
+    if not hf:
+        check_target("model._target_", m.get("_target_"), MoETransformerLM,
+                     ": use model=<name> with a conf/nlp/model config")
     if OmegaConf.is_missing(d, "path"):
         raise ConfigError("data.path", "???", "give a UTF-8 text file, e.g. data.path=book.txt")
     if d.path is not None:
@@ -90,6 +95,10 @@ def validate_config(cfg: DictConfig) -> int | None:
     check_number("data.val_fraction", d.val_fraction, gt=0)
     if d.val_fraction >= 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "it must lie in (0, 1)")
+    if hf:  # a Hugging Face checkpoint (conf/nlp/model/hf.yaml): its own checks
+        from nlp.hf import validate_hf_model
+
+        return validate_hf_model(cfg)
     _check_architecture(m)
     moe = m.get("moe_layers", "all") not in ("none", None) and m.get("moe_layers") != []
     if not moe:

@@ -5,15 +5,24 @@ checkpoints upcycle exactly; routers swap; models write back. Nothing is downloa
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import core
+from core.checks import ConfigError
+from core.run import check_config, task_class
 from core.routers.adamoe import AdaMoERouter
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 from nlp.hf import HFCausalLM, load_hf_lm, save_hf
+from nlp.training import build_model
+from tests.conftest import CONF_DIR
+from tests.nlp.conftest import compose_nlp
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,6 +51,7 @@ def _configs():
     }
 
 
+REPO = CONF_DIR.parent
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
@@ -162,3 +172,54 @@ def test_write_back_refuses_routers_transformers_lacks(tmp_path):
     with pytest.raises(ValueError, match="upcycled from a dense llama FFN"):
         save_hf(up, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------- model=hf in nlp.train
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", "nlp.train", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_a_saved_mixtral_with_adamoe(tmp_path):
+    save_tiny("mixtral", tmp_path / "ckpt")
+    res = _cli(tmp_path, "model=hf", f"model.path={tmp_path / 'ckpt'}", "debug=default", "+router=adamoe",
+               "trainer.max_steps=8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print(f"adamoe on the loaded Mixtral: {metrics['experts_per_token']:.3f} experts per token (K=4), "
+          f"val ppl {metrics['val_ppl']:.2f}")
+    assert metrics["router"] == "adamoe" and metrics["num_experts"] == 4 and metrics["causal"]
+    assert 0 < metrics["experts_per_token"] < 4
+
+
+def _checked(*overrides: str):
+    cfg = compose_nlp("model=hf", *overrides)
+    E = check_config(cfg, task_class("nlp")())
+    return cfg, E
+
+
+def test_config_uses_the_checkpoint_router_and_experts(tmp_path):
+    save_tiny("deepseek_v3", tmp_path)
+    cfg, _ = _checked(f"model.path={tmp_path}")
+    assert cfg.get("router") is None and cfg.model.num_experts == 8  # debug's num_experts=4 gives way to the checkpoint's
+    model = build_model(cfg, 259)
+    assert [type(r) for r in model.routers()] == [DeepSeekRouter] and model.moe_layers == [1]
+    cfg, _ = _checked(f"model.path={tmp_path}", "+router=switch")
+    assert type(build_model(cfg, 259).routers()[0]).__name__ == "SwitchRouter"
+
+
+def test_config_refusals_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.path='\?\?\?' is not allowed: give a local Hugging Face"):
+        _checked()
+    with pytest.raises(ConfigError, match=r"model.path=.* is not allowed: give a local Hugging Face directory"):
+        _checked(f"model.path={tmp_path / 'nowhere'}")
+    torch.manual_seed(0)
+    small = transformers.MixtralConfig(**{**COMMON, "vocab_size": 128}, intermediate_size=48, num_local_experts=4,
+                                       num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(small).save_pretrained(str(tmp_path / "v128"))
+    with pytest.raises(ConfigError, match=r"vocabulary has 128 tokens, fewer than the byte tokenizer's 259") as exc:
+        _checked(f"model.path={tmp_path / 'v128'}")
+    assert "\n" not in str(exc.value)
