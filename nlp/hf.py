@@ -20,8 +20,9 @@ the ``mlp`` of every decoder layer:
 
 ``router=`` (a ``router(dim=D, num_experts=E)`` partial, as ``+router=<name>`` gives) replaces the
 router of every MoE layer; a new router whose gate is a ``weight`` of E (or more) rows starts from
-the trained gate (AdaMoE, Zeng et al. 2024: the n true experts' rows copied, the m null rows left at
-the new router's initialisation; DeepSeek's bias starts at zero; Switch/GShard/top-k copy it).
+the trained gate (AdaMoE, Zeng et al. 2024: the n true experts' rows copied, the m null rows drawn
+from N(0, initializer_range²) as the authors' code gets them; DeepSeek's bias starts at zero;
+Switch/GShard/top-k copy it).
 
 ``save_hf(model, dir)`` writes a model whose routers still follow the checkpoint's rule back as a
 Hugging Face directory (``save_pretrained``); other routers have no transformers counterpart and are
@@ -203,9 +204,12 @@ def _default_upcycle_router():
     return default_router()
 
 
-def swap_router(moe: MoE, make_router: Callable[..., Router]) -> Router:
+def swap_router(moe: MoE, make_router: Callable[..., Router], extra_rows_std: float | None = None) -> Router:
     """Give ``moe`` the router ``make_router(dim=D, num_experts=E)``; a new gate ``weight`` with at
-    least E rows starts from the old one's rows (the extra rows keep the new router's initialisation)."""
+    least E rows starts from the old one's rows. Extra rows (AdaMoE's null experts) are drawn from
+    N(0, extra_rows_std²) when it is given (the AdaMoE authors' code adds the null gate as a new
+    ``nn.Linear`` that transformers initialises with N(0, initializer_range²): null logits start near
+    0), else keep the new router's initialisation."""
     old = moe.router
     new = make_router if isinstance(make_router, Router) else make_router(dim=moe.in_features,
                                                                           num_experts=moe.num_experts)
@@ -213,7 +217,10 @@ def swap_router(moe: MoE, make_router: Callable[..., Router]) -> Router:
     if (isinstance(w_old, torch.Tensor) and isinstance(w_new, torch.Tensor) and w_old.dim() == w_new.dim() == 2
             and w_new.shape[1] == w_old.shape[1] and w_new.shape[0] >= w_old.shape[0]):
         with torch.no_grad():
-            w_new[: w_old.shape[0]].copy_(w_old.to(w_new.dtype))
+            E = w_old.shape[0]
+            w_new[:E].copy_(w_old.to(w_new.dtype))
+            if extra_rows_std is not None and w_new.shape[0] > E:
+                w_new[E:].normal_(0.0, float(extra_rows_std))
     if isinstance(w_old, torch.Tensor):
         new = new.to(w_old.device)
     moe.router = new
@@ -370,9 +377,10 @@ def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | No
     model = HFCausalLM(hf, max_seq_len, allow_noncausal_routing=True)
     if upcycle:
         model.upcycled_from = config.model_type
-    if router is not None:
-        for m in model.moe_modules():
-            swap_router(m, router)
+    if router is not None:  # upcycled layers were built with it; the checkpoint's routers are replaced
+        for _, block in model.layer_blocks():
+            if block.source is not None:
+                swap_router(block.moe, router, getattr(config, "initializer_range", None))
     model.allow_noncausal_routing = bool(allow_noncausal_routing)
     model._check_causal_routing()
     return model
