@@ -52,7 +52,7 @@ from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 
 __all__ = ["HFCausalLM", "HFMoEBlock", "SUPPORTED_MOE", "convert_hf_model", "load_hf_lm", "read_hf_config", "save_hf",
-           "swap_router", "validate_hf_model"]
+           "save_mixtral", "swap_router", "validate_hf_model"]
 
 log = logging.getLogger(__name__)
 
@@ -456,14 +456,19 @@ def _restore_block(block: HFMoEBlock, config) -> nn.Module:
     return hf_block.to(ex.w1_EDF.device)
 
 
-def save_hf(model: HFCausalLM, directory: str | os.PathLike) -> Path:
+def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model`` as a Hugging Face directory (``save_pretrained``) that
-    ``AutoModelForCausalLM.from_pretrained`` loads with the same logits. Only models whose every MoE
-    layer still routes by the checkpoint's own rule can be written; the others raise ``ValueError``
-    (transformers has no such router: save ``model.pt`` in the suite's format)."""
+    ``AutoModelForCausalLM.from_pretrained`` loads with the same logits: a model loaded by
+    ``load_hf_lm`` whose every MoE layer still routes by the checkpoint's own rule, or a suite
+    ``MoETransformerLM`` of Mixtral's form (``save_mixtral``). Others raise ``ValueError``: transformers
+    has no such router or layer, so they are saved in the suite's format (``model.pt``)."""
+    from nlp.models import MoETransformerLM
+
+    if isinstance(model, MoETransformerLM):
+        return save_mixtral(model, directory)
     if not isinstance(model, HFCausalLM):
-        raise ValueError(f"save_hf writes models loaded by nlp.hf.load_hf_lm, not {type(model).__name__}: "
-                         "suite models are saved in the suite's format (model.pt).")
+        raise ValueError(f"save_hf writes nlp.hf.HFCausalLM and nlp.models.MoETransformerLM models, not "
+                         f"{type(model).__name__}; it is saved in the suite's format (model.pt).")
     config = model.config
     for i, block in model.layer_blocks():
         why = None
@@ -474,8 +479,7 @@ def save_hf(model: HFCausalLM, directory: str | os.PathLike) -> Path:
             why = _same_rule(block.moe.router, config)
             why = None if why is None else f"layer {i}'s router {why}"
         if why is not None:
-            raise ValueError(f"cannot save in Hugging Face format: {why}; transformers has no such MoE layer, "
-                             "so the model is saved in the suite's format (model.pt) instead.")
+            _refuse(why)
     layers = model.hf.model.layers
     adapters = {i: block for i, block in model.layer_blocks()}
     try:
@@ -488,3 +492,79 @@ def save_hf(model: HFCausalLM, directory: str | os.PathLike) -> Path:
             layers[i].mlp = block
     return out
 
+
+def _refuse(why: str):
+    raise ValueError(f"cannot save in Hugging Face format: {why}; transformers has no such model, so it is saved "
+                     "in the suite's format (model.pt) instead.")
+
+
+def _mixtral_form(model) -> str | None:
+    """None when a suite ``MoETransformerLM`` is a Mixtral (Jiang et al. 2024): rotary positions, RMSNorm,
+    bias-free attention, every FFN a SwiGLU MoE with Mixtral's router; else what differs."""
+    from core.experts import Experts
+
+    if model.pos_embed is not None:
+        return "it has learned positions (Mixtral: model.pos_embed=rope)"
+    if not isinstance(model.norm, nn.RMSNorm):
+        return "it uses LayerNorm (Mixtral: model.norm=rmsnorm)"
+    if model.moe_layers != list(range(model.depth)):
+        return f"only blocks {model.moe_layers} are MoE (Mixtral: model.moe_layers=all)"
+    routers = model.routers()
+    for i, moe in enumerate(model.moe_modules()):
+        ex = moe.experts
+        if type(ex) is not Experts or not ex.glu or type(ex.act) is not nn.SiLU or ex.b1_EF is not None:
+            return f"block {i}'s experts are not bias-free SwiGLU (Mixtral: model.glu=true model.act_layer=silu " \
+                   "model.bias=false model.expert_type=mlp)"
+        if moe.shared_experts is not None:
+            return f"block {i} has shared experts (Mixtral has none)"
+        r = moe.router
+        if not (type(r) is TopKRouter and r.renormalize and r.capacity_factor is None):
+            return f"block {i}'s router {type(r).__name__} is not Mixtral's (renormalised dropless top-k: +router=mixtral)"
+        if r.top_k != routers[0].top_k or moe.num_experts != model.moe_modules()[0].num_experts:
+            return "its MoE layers differ in top_k or num_experts"
+    if model.blocks[0].attn.qkv.bias is not None:
+        return "its attention has biases (Mixtral: model.bias=false)"
+    return None
+
+
+def save_mixtral(model, directory: str | os.PathLike) -> Path:
+    """Write a suite ``MoETransformerLM`` of Mixtral's form as a transformers Mixtral directory
+    (``MixtralForCausalLM.save_pretrained``): the fused qkv projection split into q/k/v, the stacked
+    GLU experts into ``gate_up_proj``/``down_proj``, the router weight into the gate; RMSNorm's eps
+    and the rotary base carried into the config."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    why = _mixtral_form(model)
+    if why is not None:
+        _refuse(f"the model is not of Mixtral's form: {why}")
+    moes = model.moe_modules()
+    b0, D = model.blocks[0], model.dim
+    eps = b0.norm1.eps if b0.norm1.eps is not None else torch.finfo(b0.norm1.weight.dtype).eps
+    tied = model.head.weight is model.tok_embed.weight
+    config = MixtralConfig(
+        vocab_size=model.vocab_size, hidden_size=D, intermediate_size=moes[0].experts.hidden_features,
+        num_hidden_layers=model.depth, num_attention_heads=b0.attn.num_heads, num_key_value_heads=b0.attn.num_heads,
+        head_dim=b0.attn.head_dim, max_position_embeddings=model.max_seq_len, rms_norm_eps=float(eps),
+        num_local_experts=moes[0].num_experts, num_experts_per_tok=moes[0].router.top_k,
+        tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": model.rope_base},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = MixtralForCausalLM(config).to(b0.norm1.weight.dtype)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.tok_embed.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        if not tied:
+            hf.lm_head.weight.copy_(model.head.weight)
+        for block, layer in zip(model.blocks, hf.model.layers):
+            q, k, v = block.attn.qkv.weight.chunk(3, dim=0)  # qkv rows: (3, H, Hd)
+            for lin, w in ((layer.self_attn.q_proj, q), (layer.self_attn.k_proj, k), (layer.self_attn.v_proj, v),
+                           (layer.self_attn.o_proj, block.attn.proj.weight)):
+                lin.weight.copy_(w)
+            layer.input_layernorm.weight.copy_(block.norm1.weight)
+            layer.post_attention_layernorm.weight.copy_(block.norm2.weight)
+            ex, mlp = block.ffn.experts, layer.mlp
+            mlp.experts.gate_up_proj.copy_(torch.cat([ex.w1_EDF, ex.w3_EDF], dim=2).transpose(1, 2))
+            mlp.experts.down_proj.copy_(ex.w2_EFO.transpose(1, 2))
+            mlp.gate.weight.copy_(block.ffn.router.weight)
+    out = Path(directory)
+    hf.save_pretrained(str(out))
+    return out

@@ -257,6 +257,7 @@ class MoETransformerLM(nn.Module):
         self.pos_embed = nn.Embedding(max_seq_len, dim) if pos_embed == "learned" else None
         self.drop = nn.Dropout(dropout)
         rotary = RotaryEmbedding(head_dim, max_seq_len, rope_base) if pos_embed == "rope" else None
+        self.rope_base = float(rope_base)  # read when the model is written as a Hugging Face checkpoint (nlp.hf)
         hidden = int(round(dim * mlp_ratio))
         expert_hidden = int(round(dim * (expert_mlp_ratio if expert_mlp_ratio is not None else mlp_ratio)))
         make_router = router if router is not None else default_router()

@@ -20,6 +20,7 @@ from core.routers.adamoe import AdaMoERouter
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 from nlp.hf import HFCausalLM, load_hf_lm, save_hf
+from nlp.models import MoETransformerLM
 from nlp.training import build_model
 from tests.conftest import CONF_DIR
 from tests.nlp.conftest import compose_nlp
@@ -224,3 +225,39 @@ def test_config_refusals_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"vocabulary has 128 tokens, fewer than the byte tokenizer's 259") as exc:
         _checked(f"model.path={tmp_path / 'v128'}")
     assert "\n" not in str(exc.value)
+
+
+def _suite_mixtral(**kwargs) -> MoETransformerLM:
+    args = dict(vocab_size=VOCAB, dim=32, depth=2, num_heads=4, max_seq_len=64, mlp_ratio=1.5, act_layer="silu",
+                glu=True, moe_layers="all", num_experts=4, rope_base=5000.0)
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return MoETransformerLM(**args)
+
+
+def test_suite_trained_mixtral_saves_as_transformers_mixtral(tmp_path):
+    model = _suite_mixtral()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):
+        ids = _ids(seed=20 + step, shape=(2, 16))
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        (loss + core.collect_aux_loss(model)).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    save_hf(model, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    assert type(back).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        want = model(_ids())
+        diff = (back(input_ids=_ids()).logits - want).abs().max().item()
+        diff_bridge = (load_hf_lm(tmp_path)(_ids()) - want).abs().max().item()
+    print(f"suite Mixtral -> transformers Mixtral: max abs logit diff {diff:.3e} (back through nlp.hf {diff_bridge:.3e})")
+    assert diff < 1e-5 and diff_bridge < 1e-5
+
+
+def test_suite_models_of_another_form_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"not of Mixtral's form: block 0's experts are not bias-free SwiGLU"):
+        save_hf(_suite_mixtral(glu=False, act_layer="gelu"), tmp_path)
+    with pytest.raises(ValueError, match=r"router AdaMoERouter is not Mixtral's .*suite's format \(model.pt\)"):
+        save_hf(_suite_mixtral(router=functools.partial(AdaMoERouter, num_null_experts=2, top_k=2)), tmp_path)
