@@ -30,7 +30,9 @@ refused (save ``model.pt`` in the suite's format instead).
 
 Routing groups are whole sequences (the MoE layer's default); padding is kept out of routing when
 ``forward`` gets an ``attention_mask``. transformers' own ``output_router_logits`` auxiliary loss is
-not used: the core routers' losses are (``core.collect_aux_loss``).
+not used: the core routers' losses are (``core.collect_aux_loss``; a checkpoint with
+``output_router_logits`` gets the Switch loss at ``router_aux_loss_coef·K``, transformers' scale).
+Mixtral's ``router_jitter_noise`` (training only, 0 in released configs) is not applied.
 
 Legend: B batch, T sequence length, D width, F expert hidden width, E experts.
 """
@@ -50,13 +52,14 @@ from core.moe import MoE
 from core.routers.base import Router
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
+from nlp.models import MoETransformerLM, NonCausalRoutingError, default_router
 
 __all__ = ["HFCausalLM", "HFMoEBlock", "SUPPORTED_MOE", "convert_hf_model", "load_hf_lm", "read_hf_config", "save_hf",
            "save_mixtral", "swap_router", "validate_hf_model"]
 
 log = logging.getLogger(__name__)
 
-# model_type -> the router rule of its sparse block (read from transformers' modeling_<arch>.py, 5.x)
+# the MoE model_types whose router rule ``checkpoint_router`` maps (read from transformers 5.x modeling_<arch>.py)
 SUPPORTED_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
@@ -190,18 +193,11 @@ def _upcycled(mlp: nn.Module, config, num_experts: int, router) -> HFMoEBlock:
     g, u, d = _glu_parts(mlp)
     if any(p.bias is not None for p in (g, u, d)):
         raise ValueError(f"{type(mlp).__name__} has biases: upcycling supports bias-free gated FFNs (mlp_bias=false).")
-    router = router if router is not None else _default_upcycle_router()
+    router = router if router is not None else default_router()  # Mixtral's: top-2, renormalised, dropless
     moe = MoE(g.in_features, g.out_features, d.out_features, act_layer=_act_layer(config), bias=False,
               num_experts=num_experts, router=router, glu=True, device=g.weight.device, dtype=g.weight.dtype)
     moe.experts.load_dense_mlp(g, d, u)
     return HFMoEBlock(moe, source=None)
-
-
-def _default_upcycle_router():
-    """Mixtral's rule for upcycled layers: top-2, renormalised, dropless (the suite's ``mixtral``)."""
-    from nlp.models import default_router
-
-    return default_router()
 
 
 def swap_router(moe: MoE, make_router: Callable[..., Router], extra_rows_std: float | None = None) -> Router:
@@ -257,16 +253,15 @@ class HFCausalLM(nn.Module):
     def moe_modules(self) -> list[MoE]:
         return [b.moe for _, b in self.layer_blocks()]
 
-    def routers(self) -> list[Router]:
-        return [m.router for m in self.moe_modules()]
-
-    @property
-    def is_causal(self) -> bool:
-        return all(r.is_causal for r in self.routers())
+    # the suite LM's definitions that read only moe_modules() and num_parameters(): shared, not rewritten
+    routers = MoETransformerLM.routers
+    is_causal = MoETransformerLM.is_causal
+    num_parameters = MoETransformerLM.num_parameters
+    _routed_parameters = staticmethod(MoETransformerLM._routed_parameters)
+    expert_parameters = MoETransformerLM.expert_parameters
+    active_parameters = MoETransformerLM.active_parameters
 
     def _check_causal_routing(self) -> None:
-        from nlp.models import NonCausalRoutingError
-
         if self.allow_noncausal_routing:
             return
         for i, block in self.layer_blocks():
@@ -288,26 +283,6 @@ class HFCausalLM(nn.Module):
             for b in blocks:
                 b.mask_BT = b.token_ids_BT = None
         return out.logits
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    # the suite LM's parameter accounting reads only moe_modules() and num_parameters(): one definition
-    @staticmethod
-    def _routed_parameters(moe: MoE) -> int:
-        from nlp.models import MoETransformerLM
-
-        return MoETransformerLM._routed_parameters(moe)
-
-    def expert_parameters(self) -> list[int]:
-        from nlp.models import MoETransformerLM
-
-        return MoETransformerLM.expert_parameters(self)
-
-    def active_parameters(self, experts_per_token: Sequence[float] | None = None) -> float:
-        from nlp.models import MoETransformerLM
-
-        return MoETransformerLM.active_parameters(self, experts_per_token)
 
 
 def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int | None = None,
@@ -462,8 +437,6 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``load_hf_lm`` whose every MoE layer still routes by the checkpoint's own rule, or a suite
     ``MoETransformerLM`` of Mixtral's form (``save_mixtral``). Others raise ``ValueError``: transformers
     has no such router or layer, so they are saved in the suite's format (``model.pt``)."""
-    from nlp.models import MoETransformerLM
-
     if isinstance(model, MoETransformerLM):
         return save_mixtral(model, directory)
     if not isinstance(model, HFCausalLM):
