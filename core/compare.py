@@ -1,14 +1,35 @@
 """The cross-domain router comparison: ``python -m core.compare DIR... [--out DIR] [--page FILE]``.
 
-Reads every ``metrics.json`` under the given run or multirun directories (any domain), groups runs
-by (domain, router), and writes a Markdown report, a CSV and one PNG per domain (task quality
-against training throughput). Rows are routers (``none`` is the dense baseline); columns are
-domain × metric; a cell is ``mean ± std`` over seeds, ``n/a`` where the router does not apply to
-the domain (a run that recorded ``status: n/a``) and blank where it was not run.
+Reads every run directory under the given run or multirun directories (any domain): its
+``metrics.json`` and the composed config it ran with (``config.yaml``, written by ``core.run``; the
+``debug`` overlay is read from Hydra's ``.hydra/hydra.yaml``). Writes a Markdown report, a CSV and
+one PNG per domain.
 
-The report (``compare.md``, or ``--page``) opens with the command that made it, the machines and
-dates of the runs and the commands given with ``--command``; then one table of task quality across
-domains, then one table per domain with every metric. ``compare.csv`` holds the wide table.
+- **A row is one configuration.** Two runs share a row only when their composed configs are equal
+  apart from the seed and the keys that say where and how a run reports (``IGNORED``: output paths,
+  logging and checkpoint cadence, the device, threads). A row's label is the router (``none`` is the
+  dense baseline) followed by the keys whose values differ between rows of the same router, e.g.
+  ``topk lr=0.01``.
+- **n counts distinct seeds.** Runs of one configuration with the same seed are one seed: their values
+  are averaged and the report says so.
+- **Cells**: mean ± sample std, the 95% Student-t confidence interval of the mean
+  (mean ± t₀.₉₇₅,ₙ₋₁·s/√n) and n. Each table has a column with the difference of the quality metric to
+  the domain's baseline row (``--baseline``, default ``none``) and its 95% interval: paired by seed
+  over the seeds both rows have when they share at least two, Welch's unequal-variance interval
+  otherwise (Student 1908; Welch 1947).
+- **Budgets are never averaged together.** Runs whose budget (``BUDGET``: step and epoch limits,
+  data caps, the ``debug`` overlay) differs from the most common one of their domain go into a
+  separate table headed by what differs.
+- **Nothing is dropped silently.** Unreadable ``metrics.json`` or ``config.yaml`` files and run
+  directories without ``metrics.json`` (unfinished or crashed runs) are listed in the report with the
+  reason, as are runs without a ``config.yaml`` (grouped by the settings ``metrics.json`` records).
+
+``compare.md`` (or ``--page``) opens with the command that made it, the machines and dates of the
+runs and the commands given with ``--command``; then one table of task quality across domains (main
+budget tables only), then every table of every domain. ``compare.csv`` has one line per row of every
+table: ``domain, budget, configuration, router, metric, seeds, n, mean, std, ci95`` (the half-width),
+``ci95_low, ci95_high``, the difference to the baseline and its interval, then the other metrics.
+``compare_<domain>.png`` plots quality (95% interval as error bars) against training examples/s.
 """
 
 from __future__ import annotations
@@ -20,22 +41,133 @@ import math
 import shlex
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Columns shown for every domain after the quality metric: (metrics.json key, header, format).
 COMMON = [
+    ("flops_per_example", "FLOPs/ex", "{:.3g}"),
     ("examples_per_s", "ex/s", "{:.0f}"),
     ("params_active", "active params", "{:.3g}"),
     ("load_cv2", "load CV²", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.3f}"),
 ]
 NA = "n/a"
+# config keys (and everything below them) that do not make a run another configuration: the seed,
+# names, where the run writes, how often it reports or checkpoints, what it runs on
+IGNORED = (
+    "seed", "output_dir", "router_name", "model_name", "task", "threads", "sharding", "hydra",
+    "trainer.device", "trainer.resume", "trainer.progress", "trainer.log_every_steps", "trainer.checkpoint",
+    "trainer.checkpoint_every_steps", "trainer.save_model", "trainer.expert_parallel", "trainer.eval_every_epochs",
+    "data.root", "data.system_dir", "data.download",
+)
+# keys that set a run's budget: runs that differ here are listed in separate tables, never averaged
+BUDGET = ("trainer.max_steps", "trainer.max_epochs", "data.limit_train", "data.limit_eval", "debug")
+# what a run without config.yaml is grouped by (the settings metrics.json records)
+METRICS_IDENTITY = ("model", "dataset", "num_experts", "moe_blocks")
+UNSET = "unset"
 
 
-def find_runs(paths: list[str | Path]) -> list[dict]:
-    """Every ``metrics.json`` below ``paths`` (a run directory or a multirun tree)."""
-    runs = []
+@dataclass
+class Stat:
+    """Mean, sample std, n and the 95% Student-t interval of one row's values (one per seed)."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    @property
+    def ci95(self) -> float | None:
+        """Half-width of the 95% interval of the mean; None for one value."""
+        return None if self.n < 2 else t_quantile(self.n - 1) * self.std / math.sqrt(self.n)
+
+
+def t_quantile(dof: float, level: float = 0.95) -> float:
+    """The two-sided Student-t quantile (``scipy.stats.t``)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, dof))
+
+
+@dataclass
+class Diff:
+    """A row's quality minus the baseline row's, with its 95% interval and how it was formed."""
+
+    value: float
+    half: float | None
+    test: str  # "paired n=3", "Welch", "" (no interval possible)
+
+
+def difference(row: dict[object, float], base: dict[object, float]) -> Diff:
+    """``row - base`` over per-seed values: paired by seed when both have at least two seeds in
+    common (the t interval of the per-seed differences), else Welch's interval of two means."""
+    common = sorted(set(row) & set(base), key=str)
+    if len(common) >= 2:
+        s = Stat([row[k] - base[k] for k in common])
+        return Diff(s.mean, s.ci95, f"paired n={len(common)}")
+    a, b = Stat(list(row.values())), Stat(list(base.values()))
+    value = a.mean - b.mean
+    if a.n < 2 or b.n < 2:
+        return Diff(value, None, "")
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Diff(value, 0.0, "Welch")
+    dof = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))  # Welch-Satterthwaite
+    return Diff(value, t_quantile(dof) * se, "Welch")
+
+
+# ------------------------------------------------------------------------------------- reading runs
+
+
+def _flatten(node, prefix: str = "") -> dict[str, str]:
+    """``{"a.b.c": json text}`` for every leaf of a nested config (lists are leaves)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True, default=str)}
+
+
+def _under(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _debug_choice(run_dir: Path) -> str | None:
+    """The ``debug`` overlay Hydra recorded for this run (None when not recorded)."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    try:
+        choices = (_read_yaml(path) or {}).get("hydra", {}).get("runtime", {}).get("choices", {}) or {}
+    except Exception:  # noqa: BLE001 - an unreadable hydra.yaml only loses the debug choice; config.yaml still rules
+        return None
+    return choices.get("debug")
+
+
+def scan(paths: list[str | Path]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Every run below ``paths`` (run directories or multirun trees) and the directories that could not
+    be used, as ``(path, reason)``. A run is its ``metrics.json`` plus ``_path``, ``_config`` (the
+    flattened composed config, or None without ``config.yaml``) and ``_seed``."""
+    runs, problems = [], []
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist: pass run or multirun directories that hold metrics.json files.")
@@ -43,15 +175,111 @@ def find_runs(paths: list[str | Path]) -> list[dict]:
         for f in files:
             try:
                 m = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                print(f"warning: skipping unreadable {f}: {err}", file=sys.stderr)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                problems.append((str(f.parent), f"unreadable metrics.json: {err}"))
                 continue
-            if "domain" not in m or "router" not in m:
-                print(f"warning: skipping {f}: it names no domain or router", file=sys.stderr)
+            if not isinstance(m, dict) or "domain" not in m or "router" not in m:
+                problems.append((str(f.parent), "metrics.json names no domain or router"))
                 continue
-            m["_path"] = str(f.parent)
+            m["_path"], m["_config"] = str(f.parent), None
+            config = f.parent / "config.yaml"
+            if config.is_file():
+                try:
+                    composed = _read_yaml(config)
+                except Exception as err:  # noqa: BLE001 - listed in the report, not swallowed
+                    problems.append((str(f.parent), f"unreadable config.yaml: {str(err).splitlines()[0]}"))
+                    continue
+                flat = _flatten(composed if isinstance(composed, dict) else {})
+                flat["debug"] = json.dumps(_debug_choice(f.parent))
+                m["_config"] = flat
+                m["_seed"] = composed.get("seed", m.get("seed")) if isinstance(composed, dict) else m.get("seed")
+            else:
+                m["_seed"] = m.get("seed")
             runs.append(m)
+        if root.is_dir():  # run directories that never wrote metrics.json
+            dirs = {p.parent for p in root.rglob("config.yaml") if p.parent.name != ".hydra"}
+            dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+            for d in sorted(dirs):
+                if not (d / "metrics.json").exists():
+                    problems.append((str(d), "no metrics.json: the run did not finish (its train.log may say why)"))
+    return runs, problems
+
+
+def find_runs(paths: list[str | Path]) -> list[dict]:
+    """Every readable run below ``paths`` (see ``scan``; the others are warned about on stderr)."""
+    runs, problems = scan(paths)
+    for path, reason in problems:
+        print(f"warning: skipping {path}: {reason}", file=sys.stderr)
     return runs
+
+
+def row_label(run: dict) -> str:
+    """The router part of a row's label."""
+    label = str(run["router"])
+    if run.get("noncausal"):
+        label += " (non-causal)"
+    return label
+
+
+def _identity(run: dict) -> tuple:
+    if run["_config"] is None:
+        return (("router", json.dumps(row_label(run))),) + tuple(
+            (k, json.dumps(run.get(k), default=str)) for k in METRICS_IDENTITY if k in run)
+    return (("router", json.dumps(row_label(run))),) + tuple(sorted(
+        (k, v) for k, v in run["_config"].items() if not _under(k, IGNORED) and not _under(k, BUDGET)))
+
+
+def _budget(run: dict) -> tuple:
+    if run["_config"] is None:
+        return ()
+    return tuple((k, run["_config"].get(k, json.dumps(None))) for k in BUDGET)
+
+
+def _show(text: str) -> str:
+    value = json.loads(text)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "null" if value is None else str(value) if not isinstance(value, (list, dict)) else json.dumps(value)
+
+
+def budget_text(budget: tuple) -> str:
+    return ", ".join(f"{k}={_show(v)}" for k, v in budget) or "not recorded (no config.yaml)"
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Row:
+    label: str
+    router: str
+    runs: list[dict]
+    not_applicable: bool = False
+    # metric -> {seed: value averaged over that seed's runs}
+    per_seed: dict[str, dict] = field(default_factory=dict)
+    repeated: dict = field(default_factory=dict)  # seed -> number of runs with that seed (> 1)
+
+    def stat(self, key: str) -> Stat | None:
+        values = self.per_seed.get(key)
+        return Stat(list(values.values())) if values else None
+
+    @property
+    def seeds(self) -> int:
+        return max((len(v) for v in self.per_seed.values()), default=0)
+
+
+@dataclass
+class Table:
+    """One domain's rows at one budget."""
+
+    domain: str
+    budget: tuple
+    main: bool
+    metric: str | None
+    higher_is_better: bool
+    rows: list[Row]
+    baseline: Row | None
+    diffs: dict[str, Diff]  # label -> difference to the baseline
 
 
 def quality_key(domain: str, runs: list[dict]) -> tuple[str | None, bool]:
@@ -72,74 +300,177 @@ def quality_key(domain: str, runs: list[dict]) -> tuple[str | None, bool]:
     return None, True
 
 
-def row_label(run: dict) -> str:
-    label = str(run["router"])
-    if run.get("noncausal"):
-        label += " (non-causal)"
-    return label
+def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
+    """Router name plus the keys whose values differ between the rows of that router."""
+    by_router: dict[str, list[tuple]] = defaultdict(list)
+    for ident in groups:
+        by_router[json.loads(ident[0][1])].append(ident)
+    labels = {}
+    for router, idents in by_router.items():
+        dicts = [dict(i) for i in idents]
+        keys = sorted({k for d in dicts for k in d})
+        varying = [k for k in keys if len({d.get(k, UNSET) for d in dicts}) > 1]
+        # model.router.top_k repeats router.top_k: keep the shorter name when they always agree
+        same = lambda a, b: all(d.get(a, UNSET) == d.get(b, UNSET) for d in dicts)  # noqa: E731
+        varying = [k for k in varying if not any(o != k and k.endswith("." + o) and same(k, o) for o in varying)]
+        tails = Counter(k.rsplit(".", 1)[-1] for k in varying)
+        for ident, d in zip(idents, dicts):
+            parts = [router]
+            for k in varying:
+                name = k.rsplit(".", 1)[-1] if tails[k.rsplit(".", 1)[-1]] == 1 else k
+                parts.append(f"{name}={_show(d[k]) if k in d else UNSET}")
+            labels[ident] = " ".join(parts)
+    return labels
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+def _metric_keys(metric: str | None) -> list[str]:
+    return ([metric] if metric else []) + [k for k, _, _ in COMMON]
 
 
-def _fmt(values: list[float], spec: str) -> str:
-    mean, std = _mean_std(values)
-    text = spec.format(mean)
-    return text if std is None else f"{text} ± {spec.format(std)}"
-
-
-def build_table(runs: list[dict]) -> tuple[list[str], list[list[str]], dict]:
-    """Header, rows and the raw cell values ``{(router, domain, key): [values]}``."""
+def build_tables(runs: list[dict], baseline: str = "none") -> list[Table]:
+    """Per domain: the table at its most common budget, then one per other budget."""
     by_domain: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         by_domain[r["domain"]].append(r)
-    domains = sorted(by_domain)
-    columns: list[tuple[str, str, str, str]] = []  # (domain, key, header, fmt)
-    for d in domains:
-        key, higher = quality_key(d, by_domain[d])
-        if key is not None:
-            arrow = "↑" if higher else "↓"
-            columns.append((d, key, f"{d} {key} {arrow}", "{:.4f}"))
-        columns += [(d, k, f"{d} {h}", f) for k, h, f in COMMON]
-    values: dict = defaultdict(list)
-    not_applicable: set = set()
-    routers: set[str] = set()
+    tables = []
+    for domain in sorted(by_domain):
+        metric, higher = quality_key(domain, by_domain[domain])
+        by_budget: dict[tuple, list[dict]] = defaultdict(list)
+        for r in by_domain[domain]:
+            by_budget[_budget(r)].append(r)
+        order = sorted(by_budget, key=lambda b: (-len(by_budget[b]), str(b)))
+        for i, budget in enumerate(order):
+            tables.append(_table(domain, budget, i == 0, metric, higher, by_budget[budget], baseline))
+    return tables
+
+
+def _seed_key(run: dict) -> str:
+    """What makes a seed distinct: its value, or the run itself when it recorded none."""
+    return f"seed {_show(json.dumps(run['_seed'], default=str))}" if run.get("_seed") is not None else f"run {run['_path']} (no seed)"
+
+
+def _table(domain, budget, main, metric, higher, runs, baseline) -> Table:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        label = row_label(r)
-        routers.add(label)
-        if r.get("status") == NA:
-            not_applicable.add((label, r["domain"]))
-            continue
-        for d, key, _, _ in columns:
-            if d == r["domain"] and isinstance(r.get(key), (int, float)) and math.isfinite(r[key]):
-                values[(label, d, key)].append(float(r[key]))
-    order = sorted(routers, key=lambda x: (x != "none", x))
-    header = ["router", "seeds"] + [c[2] for c in columns]
+        groups[_identity(r)].append(r)
+    labels = _labels(groups)
     rows = []
-    for label in order:
-        seeds = {len(values[(label, d, k)]) for d, k, _, _ in columns if values.get((label, d, k))}
-        row = [label, str(max(seeds)) if seeds else "0"]
-        for d, key, _, spec in columns:
-            if (label, d) in not_applicable and not values.get((label, d, key)):
-                row.append(NA)
-            elif values.get((label, d, key)):
-                row.append(_fmt(values[(label, d, key)], spec))
-            else:
-                row.append("")
+    for ident, members in groups.items():
+        row = Row(labels[ident], row_label(members[0]), members)
+        seed_runs = Counter(_seed_key(r) for r in members if r.get("status") != NA)
+        row.repeated = {s: c for s, c in seed_runs.items() if c > 1}
+        row.not_applicable = all(r.get("status") == NA for r in members)
+        for key in _metric_keys(metric):
+            by_seed: dict[str, list[float]] = defaultdict(list)
+            for r in members:
+                v = r.get(key)
+                if r.get("status") != NA and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    by_seed[_seed_key(r)].append(float(v))
+            if by_seed:
+                row.per_seed[key] = {s: statistics.fmean(v) for s, v in by_seed.items()}
         rows.append(row)
-    return header, rows, {"columns": columns, "values": values, "domains": domains}
+    rows.sort(key=lambda r: (r.router != baseline, r.label))
+    base = next((r for r in rows if r.router == baseline or r.label == baseline), None)
+    diffs = {}
+    if base is not None and metric and base.per_seed.get(metric):
+        for r in rows:
+            if r is not base and r.per_seed.get(metric):
+                diffs[r.label] = difference(r.per_seed[metric], base.per_seed[metric])
+    return Table(domain, budget, main, metric, higher, rows, base, diffs)
 
 
-def quality_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Routers × domains, each cell the domain's task-quality metric (``mean ± std``, ``n/a``, or
-    blank where not run), then the number of seeds behind each cell."""
-    header, rows, raw = build_table(runs)
-    qcols = [i for i, c in enumerate(raw["columns"]) if c[1] not in {k for k, _, _ in COMMON}]
-    out_header = ["router"] + [raw["columns"][i][2] for i in qcols] + ["seeds"]
-    out_rows = [[r[0]] + [r[2 + i] for i in qcols] + [r[1]] for r in rows]
-    return out_header, out_rows
+def _f(x: float, spec: str) -> str:
+    return spec.format(x)
+
+
+def fmt_stat(s: Stat, spec: str = "{:.4f}", interval: bool = True) -> str:
+    """``mean ± std [low, high] n=k`` (one value: ``mean n=1``)."""
+    if s.n == 1:
+        return f"{_f(s.mean, spec)} n=1"
+    text = f"{_f(s.mean, spec)} ± {_f(s.std, spec)}"
+    if interval:
+        text += f" [{_f(s.mean - s.ci95, spec)}, {_f(s.mean + s.ci95, spec)}]"
+    return text + f" n={s.n}"
+
+
+def fmt_diff(d: Diff, spec: str = "{:+.4f}") -> str:
+    if d.half is None:
+        return f"{_f(d.value, spec)} (no interval: n=1)"
+    return f"{_f(d.value, spec)} [{_f(d.value - d.half, spec)}, {_f(d.value + d.half, spec)}] {d.test}"
+
+
+def table_rows(t: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one table as text."""
+    header = ["configuration", "seeds"]
+    if t.metric:
+        header += [f"{t.metric} {'↑' if t.higher_is_better else '↓'}",
+                   f"Δ vs {t.baseline.label if t.baseline else 'baseline'}"]
+    header += [h for _, h, _ in COMMON]
+    rows = []
+    for r in t.rows:
+        cells = [r.label, str(r.seeds)]
+        if t.metric:
+            s = r.stat(t.metric)
+            cells.append(NA if r.not_applicable else fmt_stat(s) if s else "")
+            cells.append("baseline" if r is t.baseline else fmt_diff(t.diffs[r.label]) if r.label in t.diffs else "")
+        for key, _, spec in COMMON:
+            s = r.stat(key)
+            cells.append(NA if r.not_applicable else fmt_stat(s, spec, interval=False) if s else "")
+        rows.append(cells)
+    return header, rows
+
+
+def quality_table(runs_or_tables, baseline: str = "none") -> tuple[list[str], list[list[str]]]:
+    """Configurations × domains (main-budget tables), each cell the domain's task-quality metric
+    (``mean ± std [95% interval] n``, ``n/a``, or blank where not run), then the seeds of the row."""
+    tables = runs_or_tables if runs_or_tables and isinstance(runs_or_tables[0], Table) else build_tables(runs_or_tables, baseline)
+    tables = [t for t in tables if t.main and t.metric]
+    header = ["configuration"] + [f"{t.domain} {t.metric} {'↑' if t.higher_is_better else '↓'}" for t in tables] + ["seeds"]
+    labels = sorted({r.label for t in tables for r in t.rows}, key=lambda x: (x.split(" ")[0] != baseline, x))
+    out = []
+    for label in labels:
+        cells, seeds = [label], 0
+        for t in tables:
+            row = next((r for r in t.rows if r.label == label), None)
+            s = row.stat(t.metric) if row else None
+            cells.append("" if row is None else NA if row.not_applicable else fmt_stat(s) if s else "")
+            seeds = max(seeds, row.seeds if row else 0)
+        out.append(cells + [str(seeds)])
+    return header, out
+
+
+CSV_HEADER = ["domain", "budget", "main_budget", "configuration", "router", "metric", "seeds", "n", "mean", "std",
+              "ci95", "ci95_low", "ci95_high", "diff_to_baseline", "diff_ci95_low", "diff_ci95_high", "diff_test",
+              *[k for k, _, _ in COMMON], "runs"]
+
+
+def csv_rows(tables: list[Table]) -> list[list]:
+    """One line per row of every table (numbers unformatted)."""
+    out = []
+    for t in tables:
+        for r in t.rows:
+            s = r.stat(t.metric) if t.metric else None
+            d = t.diffs.get(r.label)
+            line = [t.domain, budget_text(t.budget), t.main, r.label, r.router, t.metric or "",
+                    r.seeds, s.n if s else 0]
+            if s is None:
+                line += [NA if r.not_applicable else ""] + [""] * 5
+            else:
+                line += [s.mean, s.std if s.std is not None else "", s.ci95 if s.ci95 is not None else "",
+                         s.mean - s.ci95 if s.ci95 is not None else "", s.mean + s.ci95 if s.ci95 is not None else ""]
+            if d is None:
+                line += ["", "", "", "baseline" if r is t.baseline else ""]
+            else:
+                line += [d.value, "" if d.half is None else d.value - d.half, "" if d.half is None else d.value + d.half, d.test]
+            for key, _, _ in COMMON:
+                c = r.stat(key)
+                line.append(c.mean if c else "")
+            line.append(";".join(x["_path"] for x in r.runs))
+            out.append(line)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
 
 
 def _provenance(runs: list[dict]) -> list[str]:
@@ -155,9 +486,31 @@ def _provenance(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _table_notes(t: Table) -> list[str]:
+    notes = []
+    for r in t.rows:
+        for seed, count in sorted(r.repeated.items()):
+            notes.append(f"- {r.label}: {seed} has {count} runs; "
+                         "their values are averaged and counted as one seed")
+    if t.metric and t.baseline is None:
+        notes.append("- no baseline row in this table: pass --baseline <router or configuration> for the Δ column")
+    reasons = sorted({f"{r.label}: {x['reason']}" for r in t.rows for x in r.runs
+                      if x.get("status") == NA and x.get("reason")})
+    if reasons:
+        notes += ["- not applicable:"] + [f"  - {x}" for x in reasons]
+    loose = [r.label for r in t.rows if any(x["_config"] is None for x in r.runs)]
+    if loose:
+        notes.append("- without config.yaml (grouped by the router and the settings metrics.json records): "
+                     + ", ".join(loose))
+    return notes
+
+
 def report(runs: list[dict], title: str = "Router comparison", commands: list[str] | None = None,
-           invocation: str | None = None) -> str:
-    """The Markdown report: provenance, the cross-domain quality table, one full table per domain."""
+           invocation: str | None = None, problems: list[tuple[str, str]] | None = None,
+           baseline: str = "none") -> str:
+    """The Markdown report: provenance, the cross-domain quality table, every table of every domain,
+    and the run directories that could not be used."""
+    tables = build_tables(runs, baseline)
     parts = [f"# {title}", ""]
     if invocation:
         parts += [f"Generated by `{invocation}` from {len(runs)} runs.", ""]
@@ -165,18 +518,24 @@ def report(runs: list[dict], title: str = "Router comparison", commands: list[st
     if commands:
         parts += ["Commands:", "", "```sh", *commands, "```", ""]
     parts += ["## Task quality across domains", "",
-              "↑: higher is better, ↓: lower is better; mean ± std over seeds; n/a: the router does not "
-              "apply to the domain; blank: not run.", "", to_markdown(*quality_table(runs))]
-    by_domain: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_domain[r["domain"]].append(r)
-    for d in sorted(by_domain):
-        header, rows, _ = build_table(by_domain[d])
-        parts += [f"## {d}", "", to_markdown(header, rows)]
-        reasons = sorted({f"{row_label(r)}: {r['reason']}" for r in by_domain[d]
-                          if r.get("status") == NA and r.get("reason")})
-        if reasons:
-            parts += ["Not applicable:", ""] + [f"- {x}" for x in reasons] + [""]
+              "A row is one configuration (runs equal apart from the seed); ↑: higher is better, ↓: lower is "
+              "better; cells: mean ± std [95% Student-t interval] n = distinct seeds; n/a: the router does not "
+              "apply to the domain; blank: not run. Runs at other budgets are in their domain's section.", "",
+              to_markdown(*quality_table(tables, baseline))]
+    for t in tables:
+        if t.main:
+            parts += [f"## {t.domain}", "", f"Budget: {budget_text(t.budget)}.", ""]
+        else:
+            main = next(m for m in tables if m.domain == t.domain and m.main)
+            differ = [(k, v) for (k, v), (_, mv) in zip(t.budget, main.budget) if v != mv] if main.budget else t.budget
+            parts += [f"### {t.domain}, another budget: {budget_text(differ)}", "",
+                      f"Listed apart, not averaged with the runs above. Budget: {budget_text(t.budget)}.", ""]
+        parts += [to_markdown(*table_rows(t))]
+        notes = _table_notes(t)
+        if notes:
+            parts += notes + [""]
+    if problems:
+        parts += ["## Run directories not used", ""] + [f"- `{p}`: {reason}" for p, reason in problems] + [""]
     return "\n".join(parts)
 
 
@@ -186,36 +545,30 @@ def to_markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(raw: dict, out_dir: Path) -> list[Path]:
-    """One PNG per domain: quality (mean, ± std bars) against training examples/s, one point per router."""
+def plot(tables: list[Table], out_dir: Path) -> list[Path]:
+    """One PNG per domain (main budget): quality (mean, 95% interval as error bars) against training
+    examples/s (mean ± std), one point per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    values = raw["values"]
-    for d in raw["domains"]:
-        qcols = [c for c in raw["columns"] if c[0] == d and c[1] not in {k for k, _, _ in COMMON}]
-        if not qcols:
+    for t in tables:
+        if not t.main or not t.metric:
             continue
-        qkey = qcols[0][1]
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for (label, dom, key), qs in sorted(values.items()):
-            if dom != d or key != qkey:
+        for r in t.rows:
+            q, speed = r.stat(t.metric), r.stat("examples_per_s")
+            if q is None or speed is None:
                 continue
-            speeds = values.get((label, d, "examples_per_s"))
-            if not speeds:
-                continue
-            qm, qs_std = _mean_std(qs)
-            sm, ss_std = _mean_std(speeds)
-            ax.errorbar(sm, qm, yerr=qs_std or 0, xerr=ss_std or 0, fmt="o", capsize=3)
-            ax.annotate(label, (sm, qm), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.errorbar(speed.mean, q.mean, yerr=q.ci95 or 0, xerr=speed.std or 0, fmt="o", capsize=3)
+            ax.annotate(r.label, (speed.mean, q.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("training examples/s")
-        ax.set_ylabel(qkey)
-        ax.set_title(f"{d}: quality vs throughput")
+        ax.set_ylabel(f"{t.metric} (95% interval)")
+        ax.set_title(f"{t.domain}: quality vs throughput")
         ax.grid(alpha=0.3)
-        path = out_dir / f"compare_{d}.png"
+        path = out_dir / f"compare_{t.domain}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -225,24 +578,28 @@ def plot(raw: dict, out_dir: Path) -> list[Path]:
 
 def compare(paths: list[str | Path], out_dir: str | Path, page: str | Path | None = None,
             title: str = "Router comparison", commands: list[str] | None = None,
-            invocation: str | None = None) -> dict:
+            invocation: str | None = None, baseline: str = "none") -> dict:
     """Write ``compare.md`` (the report), ``compare.csv`` and ``compare_<domain>.png`` into
     ``out_dir``, and the report also to ``page`` when given."""
-    runs = find_runs(paths)
+    runs, problems = scan(paths)
     if not runs:
-        raise FileNotFoundError(f"no metrics.json with a domain and a router found under {[str(p) for p in paths]}.")
-    header, rows, raw = build_table(runs)
+        listed = "".join(f"\n  {p}: {why}" for p, why in problems)
+        raise FileNotFoundError(f"no metrics.json with a domain and a router found under {[str(p) for p in paths]}.{listed}")
+    tables = build_tables(runs, baseline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = report(runs, title, commands, invocation)
+    markdown = report(runs, title, commands, invocation, problems, baseline)
     (out / "compare.md").write_text(markdown)
     if page is not None:
         Path(page).parent.mkdir(parents=True, exist_ok=True)
         Path(page).write_text(markdown)
+    rows = csv_rows(tables)
     with open(out / "compare.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    plots = plot(raw, out)
-    return {"markdown": markdown, "quality_markdown": to_markdown(*quality_table(runs)), "header": header, "rows": rows, "plots": plots, "num_runs": len(runs)}
+        csv.writer(f).writerows([CSV_HEADER, *rows])
+    plots = plot(tables, out)
+    return {"markdown": markdown, "quality_markdown": to_markdown(*quality_table(tables, baseline)),
+            "tables": tables, "header": CSV_HEADER, "rows": rows, "plots": plots, "num_runs": len(runs),
+            "problems": problems}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,14 +609,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", default=None, help="also write the report to this Markdown file (a results page)")
     parser.add_argument("--title", default="Router comparison", help="the report's title")
     parser.add_argument("--command", action="append", default=[], help="a command that produced the runs (repeatable)")
+    parser.add_argument("--baseline", default="none",
+                        help="the router (or configuration label) of the row the Δ column compares with (default: none, the dense model)")
     args = parser.parse_args(argv)
     invocation = "python -m core.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        result = compare(args.dirs, args.out, args.page, args.title, args.command, invocation)
+        result = compare(args.dirs, args.out, args.page, args.title, args.command, invocation, args.baseline)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result["quality_markdown"])
+    for path, reason in result["problems"]:
+        print(f"not used: {path}: {reason}")
     print(f"{result['num_runs']} runs; wrote {args.out}/compare.md, compare.csv and {len(result['plots'])} plot(s)")
     return 0
 

@@ -1,4 +1,5 @@
-"""core.compare on synthetic run directories: rows, columns, means ± std and n/a cells."""
+"""core.compare on synthetic run directories (metrics.json only): rows, columns, means ± std, intervals
+and n/a cells. Rows as configurations: test_compare_rows.py."""
 
 import json
 import subprocess
@@ -37,20 +38,26 @@ def sweep(tmp_path):
 
 def test_rows_columns_means_and_na(sweep, tmp_path):
     out = compare([sweep], tmp_path / "cmp")
-    header, rows = out["header"], {r[0]: r for r in out["rows"]}
-    assert header[:3] == ["router", "seeds", "nlp val_ppl ↓"]
-    assert "vision test_acc ↑" in header and "vision ex/s" in header
+    tables = {t.domain: t for t in out["tables"]}
+    from core.compare import table_rows
+
+    header, rows = table_rows(tables["vision"])
+    rows = {r[0]: r for r in rows}
+    assert header[:4] == ["configuration", "seeds", "test_acc ↑", "Δ vs none"] and "ex/s" in header
+    assert "FLOPs/ex" in header
     assert list(rows) == ["none", "hash", "topk"]  # the dense baseline first
-    col = header.index("vision test_acc ↑")
-    assert rows["topk"][col] == "0.8200 ± 0.0283"  # mean ± sample std of 0.80 and 0.84
+    assert rows["topk"][2] == "0.8200 ± 0.0283 [0.5659, 1.0741] n=2"  # sample std, t(1) interval
     assert rows["topk"][1] == "2"
-    assert rows["none"][col] == "0.7900"
-    assert rows["hash"][col] == "n/a"
-    assert rows["none"][header.index("nlp val_ppl ↓")] == ""  # not run there
-    assert rows["hash"][header.index("nlp val_ppl ↓")] == "6.0000"
+    assert rows["topk"][3] == "+0.0300 (no interval: n=1)"  # the baseline has one seed
+    assert rows["none"][2] == "0.7900 n=1" and rows["none"][3] == "baseline"
+    assert rows["hash"][2] == "n/a"
+    qh, qrows = quality_table(out["tables"])
+    qrows = {r[0]: r for r in qrows}
+    assert qrows["none"][qh.index("nlp val_ppl ↓")] == ""  # not run there
+    assert qrows["hash"][qh.index("nlp val_ppl ↓")] == "6.0000 n=1"
     report = (tmp_path / "cmp" / "compare.md").read_text()
     assert "## Task quality across domains" in report and "## vision" in report and "## nlp" in report
-    assert "- hash: hash routing needs token ids" in report  # why a cell is n/a
+    assert "  - hash: hash routing needs token ids" in report  # why a cell is n/a
     assert report.count("| topk |") == 3  # the quality table and both domain tables
     assert (tmp_path / "cmp" / "compare.csv").exists()
     assert {p.name for p in out["plots"]} == {"compare_vision.png", "compare_nlp.png"}
@@ -65,10 +72,10 @@ def test_quality_table_and_provenance(sweep, tmp_path):
     _run(sweep, "topk_2", domain="vision", router="topk", seed=2, test_acc=0.88, examples_per_s=90.0,
          machine="Test CPU, 2 torch threads of 2 CPUs; torch 9.9", finished_at="2026-01-02T03:04:05+00:00")
     header, rows = quality_table(find_runs([sweep]))
-    assert header == ["router", "nlp val_ppl ↓", "vision test_acc ↑", "seeds"]
+    assert header == ["configuration", "nlp val_ppl ↓", "vision test_acc ↑", "seeds"]
     rows = {r[0]: r for r in rows}
-    assert rows["topk"] == ["topk", "5.5000", "0.8400 ± 0.0400", "3"]
-    assert rows["hash"] == ["hash", "6.0000", "n/a", "1"]
+    assert rows["topk"] == ["topk", "5.5000 n=1", "0.8400 ± 0.0400 [0.7406, 0.9394] n=3", "3"]
+    assert rows["hash"] == ["hash", "6.0000 n=1", "n/a", "1"]
     page = tmp_path / "docs" / "page.md"
     out = compare([sweep], tmp_path / "cmp", page=page, title="Study", commands=["python -m vision.train -m x"])
     text = page.read_text()
@@ -87,7 +94,7 @@ def test_tiny_real_multirun_gives_a_row_per_router(tmp_path):
     assert main([str(sweep), "--out", str(tmp_path / "cmp")]) == 0
     header, rows = quality_table(find_runs([sweep]))
     assert [r[0] for r in rows] == ["expert_choice", "topk"]
-    assert all(r[1] not in ("", "n/a") and 0.0 <= float(r[1]) <= 1.0 for r in rows)  # test AUC
+    assert all(r[1] not in ("", "n/a") and 0.0 <= float(r[1].split()[0]) <= 1.0 for r in rows)  # test AUC
     assert (tmp_path / "cmp" / "compare_recsys.png").stat().st_size > 0
 
 

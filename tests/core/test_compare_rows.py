@@ -1,0 +1,173 @@
+"""core.compare rows are configurations (issue 24): run directories fabricated from the real composed
+config (``config.yaml`` as ``core.run`` writes it) plus a ``metrics.json``, no training."""
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from scipy import stats
+
+from core.compare import compare, difference, scan
+from tests.conftest import compose
+
+
+@pytest.fixture(scope="module")
+def vision_debug_config() -> dict:
+    return OmegaConf.to_container(compose("vision", "debug=default", "+router=topk"), resolve=True)
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        cfg = cfg[p]
+    cfg[last] = value
+
+
+def _run(root, name, config, debug="default", **metrics):
+    """A run directory as a finished run leaves it: config.yaml, .hydra/hydra.yaml (the debug choice)
+    and metrics.json."""
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"debug": debug}}}}))
+    metrics = {"domain": "vision", "metric": "test_acc", "higher_is_better": True, "seed": config["seed"],
+               "examples_per_s": 100.0, "flops_per_example": 1e6, **metrics}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def _config(base: dict, seed: int, **changes) -> dict:
+    cfg = json.loads(json.dumps(base))
+    cfg["seed"] = seed
+    cfg["output_dir"] = f"/somewhere/{seed}/{sorted(changes.items())}"  # paths never make a new row
+    for k, v in changes.items():
+        _set(cfg, k, v)
+    return cfg
+
+
+def _csv(out_dir):
+    with open(out_dir / "compare.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lr_sweep_gives_one_row_per_lr_with_t_intervals(tmp_path, vision_debug_config):
+    """The issue's sweep (topk, lr 1e-3 and 1e-2, seeds 0 and 1) is two rows of n=2, not one of n=4."""
+    root = tmp_path / "sweep"
+    acc = {(0.001, 0): 0.50, (0.001, 1): 0.54, (0.01, 0): 0.60, (0.01, 1): 0.70}
+    for (lr, seed), a in acc.items():
+        _run(root, f"{lr}_{seed}", _config(vision_debug_config, seed, **{"trainer.lr": lr}), router="topk", test_acc=a)
+    out = compare([root], tmp_path / "cmp", baseline="topk lr=0.001")
+    rows = {r["configuration"]: r for r in _csv(tmp_path / "cmp")}
+    assert set(rows) == {"topk lr=0.001", "topk lr=0.01"}
+    slow = rows["topk lr=0.01"]
+    assert int(slow["n"]) == 2 and int(slow["seeds"]) == 2
+    assert float(slow["mean"]) == pytest.approx(0.65)
+    sd = math.sqrt(((0.6 - 0.65) ** 2 + (0.7 - 0.65) ** 2) / 1)
+    assert float(slow["ci95"]) == pytest.approx(stats.t.ppf(0.975, 1) * sd / math.sqrt(2))
+    # paired by seed: differences 0.10 and 0.16 against the lr=0.001 row
+    assert float(slow["diff_to_baseline"]) == pytest.approx(0.13)
+    half = stats.t.ppf(0.975, 1) * math.sqrt(2 * 0.03 ** 2) / math.sqrt(2)
+    assert float(slow["diff_ci95_high"]) == pytest.approx(0.13 + half)
+    assert slow["diff_test"] == "paired n=2"
+    assert "| topk lr=0.01 | 2 | 0.6500 ± 0.0707 [0.0147, 1.2853] n=2 |" in out["markdown"]
+
+
+def test_capacity_and_model_differences_make_rows_router_keys_do_not(tmp_path):
+    """MMoE and PLE at capacity factors 1 and 4 are four topk rows; expert_choice's own router keys
+    (it has no top_k) are explained by its name and do not lengthen its label."""
+    base = OmegaConf.to_container(compose("recsys", "debug=default", "+router=topk"), resolve=True)
+    ec = OmegaConf.to_container(compose("recsys", "debug=default", "+router=expert_choice"), resolve=True)
+    root = tmp_path / "runs"
+    i = 0
+    for model in ("mmoe", "ple"):
+        for cf in (1.0, 4.0):
+            for seed in (0, 1):
+                cfg = _config(base, seed, **{"router.capacity_factor": cf, "model_name": model})
+                cfg["model"]["_name_hint"] = model  # a model-level difference
+                _run(root, f"r{i}", cfg, router="topk", domain="recsys", metric="test_auc", test_auc=0.7 + 0.01 * i)
+                i += 1
+    _run(root, "ec", _config(ec, 0), router="expert_choice", domain="recsys", metric="test_auc", test_auc=0.8)
+    labels = [r["configuration"] for r in _csv_of(root, tmp_path)]
+    assert sorted(labels) == ["expert_choice", "topk _name_hint=mmoe capacity_factor=1",
+                              "topk _name_hint=mmoe capacity_factor=4", "topk _name_hint=ple capacity_factor=1",
+                              "topk _name_hint=ple capacity_factor=4"]
+
+
+def _csv_of(root, tmp_path):
+    compare([root], tmp_path / "cmp")
+    return _csv(tmp_path / "cmp")
+
+
+def test_repeated_seed_counts_once_and_is_said(tmp_path, vision_debug_config):
+    root = tmp_path / "runs"
+    _run(root, "a", _config(vision_debug_config, 0), router="topk", test_acc=0.5)
+    _run(root, "b", _config(vision_debug_config, 0), router="topk", test_acc=0.7)
+    _run(root, "c", _config(vision_debug_config, 1), router="topk", test_acc=0.8)
+    out = compare([root], tmp_path / "cmp")
+    (row,) = _csv(tmp_path / "cmp")
+    assert int(row["n"]) == 2 and float(row["mean"]) == pytest.approx((0.6 + 0.8) / 2)
+    assert "- topk: seed 0 has 2 runs; their values are averaged and counted as one seed" in out["markdown"]
+
+
+def test_other_budgets_are_listed_apart(tmp_path, vision_debug_config):
+    """A run with more steps, or without the debug overlay, is its own table, never averaged in."""
+    root = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        _run(root, f"s{seed}", _config(vision_debug_config, seed), router="topk", test_acc=0.5)
+    _run(root, "long", _config(vision_debug_config, 0, **{"trainer.max_steps": 400}), router="topk", test_acc=0.9)
+    _run(root, "nodebug", _config(vision_debug_config, 1), debug=None, router="topk", test_acc=0.8)
+    out = compare([root], tmp_path / "cmp")
+    rows = _csv(tmp_path / "cmp")
+    main = [r for r in rows if r["main_budget"] == "True"]
+    assert len(main) == 1 and int(main[0]["n"]) == 3 and float(main[0]["mean"]) == pytest.approx(0.5)
+    apart = sorted(float(r["mean"]) for r in rows if r["main_budget"] == "False")
+    assert apart == [0.8, 0.9]
+    assert "### vision, another budget: trainer.max_steps=400" in out["markdown"]
+    assert "### vision, another budget: debug=null" in out["markdown"]
+
+
+def test_unreadable_and_unfinished_runs_are_listed_in_the_report(tmp_path, vision_debug_config):
+    root = tmp_path / "runs"
+    _run(root, "ok", _config(vision_debug_config, 0), router="topk", test_acc=0.5)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text('{"domain": "vision", ')
+    crashed = root / "crashed"
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text(yaml.safe_dump(vision_debug_config))
+    runs, problems = scan([root])
+    assert len(runs) == 1
+    out = compare([root], tmp_path / "cmp")
+    text = out["markdown"]
+    assert "## Run directories not used" in text
+    assert f"- `{bad}`: unreadable metrics.json:" in text
+    assert f"- `{crashed}`: no metrics.json: the run did not finish" in text
+
+
+def test_dense_baseline_difference_uses_welch_without_shared_seeds(tmp_path, vision_debug_config):
+    root = tmp_path / "runs"
+    dense = json.loads(json.dumps(vision_debug_config))
+    dense["model"]["moe"] = False
+    for seed, a in ((0, 0.40), (1, 0.44)):
+        _run(root, f"d{seed}", _config(dense, seed), router="none", test_acc=a)
+    for seed, a in ((2, 0.50), (3, 0.60), (4, 0.55)):
+        _run(root, f"t{seed}", _config(vision_debug_config, seed), router="topk", test_acc=a)
+    compare([root], tmp_path / "cmp")
+    rows = {r["configuration"]: r for r in _csv(tmp_path / "cmp")}
+    assert rows["none"]["diff_test"] == "baseline"
+    assert rows["topk"]["diff_test"] == "Welch"
+    ref = stats.ttest_ind([0.5, 0.6, 0.55], [0.40, 0.44], equal_var=False).confidence_interval(0.95)
+    assert float(rows["topk"]["diff_ci95_low"]) == pytest.approx(ref.low)
+    assert float(rows["topk"]["diff_ci95_high"]) == pytest.approx(ref.high)
+
+
+def test_paired_difference_matches_scipy():
+    row = {"seed 0": 0.6, "seed 1": 0.7, "seed 2": 0.65, "seed 9": 0.1}
+    base = {"seed 0": 0.5, "seed 1": 0.55, "seed 2": 0.6}
+    d = difference(row, base)
+    ref = stats.ttest_rel([0.6, 0.7, 0.65], [0.5, 0.55, 0.6]).confidence_interval(0.95)
+    assert d.test == "paired n=3"
+    assert d.value - d.half == pytest.approx(ref.low) and d.value + d.half == pytest.approx(ref.high)
