@@ -401,6 +401,9 @@ def validate_hf_model(cfg) -> int | None:
         m.num_experts = E or None
     if not E:
         return None
+    if m.get("router") is None and not cfg.get("router_name"):  # the row name of the checkpoint's own rule
+        with open_dict(cfg):
+            cfg.router_name = "mixtral" if not _num_experts(config) else f"checkpoint ({config.model_type})"
     check_router(m.get("router"), E, key="router", domain="nlp", token_ids=True, group_size=d.seq_len,
                  group_key="data.seq_len", seq_len=d.seq_len, expert_parallel=cfg.trainer.get("expert_parallel") is True)
     return E

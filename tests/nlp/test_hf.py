@@ -198,19 +198,31 @@ def test_cli_trains_a_saved_mixtral_with_adamoe(tmp_path):
 
 
 def _checked(*overrides: str):
+    """The composed debug config with ``model=hf``, after the run's checks (before any data)."""
     cfg = compose_nlp("model=hf", *overrides)
-    E = check_config(cfg, task_class("nlp")())
-    return cfg, E
+    check_config(cfg, task_class("nlp")())
+    return cfg
 
 
 def test_config_uses_the_checkpoint_router_and_experts(tmp_path):
     save_tiny("deepseek_v3", tmp_path)
-    cfg, _ = _checked(f"model.path={tmp_path}")
+    cfg = _checked(f"model.path={tmp_path}")
     assert cfg.get("router") is None and cfg.model.num_experts == 8  # debug's num_experts=4 gives way to the checkpoint's
+    assert cfg.router_name == "checkpoint (deepseek_v3)"
     model = build_model(cfg, 259)
     assert [type(r) for r in model.routers()] == [DeepSeekRouter] and model.moe_layers == [1]
-    cfg, _ = _checked(f"model.path={tmp_path}", "+router=switch")
+    cfg = _checked(f"model.path={tmp_path}", "+router=switch")
     assert type(build_model(cfg, 259).routers()[0]).__name__ == "SwitchRouter"
+
+
+def test_config_upcycles_a_dense_checkpoint(tmp_path):
+    save_tiny("llama", tmp_path)
+    cfg = _checked(f"model.path={tmp_path}")
+    assert cfg.model.num_experts is None and not build_model(cfg, 259).moe_layers
+    cfg = _checked(f"model.path={tmp_path}", "model.upcycle=true", "model.num_experts=6")
+    model = build_model(cfg, 259)
+    assert cfg.model.num_experts == 6 and cfg.router_name == "mixtral" and model.moe_layers == [0, 1]
+    assert [m.num_experts for m in model.moe_modules()] == [6, 6]
 
 
 def test_config_refusals_are_one_line(tmp_path):
