@@ -260,6 +260,7 @@ class HFCausalLM(nn.Module):
     _routed_parameters = staticmethod(MoETransformerLM._routed_parameters)
     expert_parameters = MoETransformerLM.expert_parameters
     active_parameters = MoETransformerLM.active_parameters
+    generate = MoETransformerLM.generate  # nlp.generate's sampling loop (no KV cache yet)
 
     def _check_causal_routing(self) -> None:
         if self.allow_noncausal_routing:

@@ -19,6 +19,7 @@ from core.run import check_config, task_class
 from core.routers.adamoe import AdaMoERouter
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
+from nlp.generate import generate_text, load_model
 from nlp.hf import HFCausalLM, load_hf_lm, save_hf
 from nlp.models import MoETransformerLM
 from nlp.training import build_model
@@ -195,6 +196,10 @@ def test_cli_trains_a_saved_mixtral_with_adamoe(tmp_path):
           f"val ppl {metrics['val_ppl']:.2f}")
     assert metrics["router"] == "adamoe" and metrics["num_experts"] == 4 and metrics["causal"]
     assert 0 < metrics["experts_per_token"] < 4
+    model, tokenizer = load_model(tmp_path / "run")  # nlp.generate rebuilds it from config.yaml and model.pt
+    assert isinstance(model.routers()[0], AdaMoERouter)
+    text = generate_text(model, tokenizer, prompt="dog: ", max_new_tokens=5, seed=0)
+    assert text.startswith("dog: ")
 
 
 def _checked(*overrides: str):
