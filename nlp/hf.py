@@ -24,9 +24,11 @@ the trained gate (AdaMoE, Zeng et al. 2024: the n true experts' rows copied, the
 from N(0, initializer_range²) as the authors' code gets them; DeepSeek's bias starts at zero;
 Switch/GShard/top-k copy it).
 
-``save_hf(model, dir)`` writes a model whose routers still follow the checkpoint's rule back as a
-Hugging Face directory (``save_pretrained``); other routers have no transformers counterpart and are
-refused (save ``model.pt`` in the suite's format instead).
+``save_hf(model, dir)`` writes a Hugging Face directory (``save_pretrained``) that
+``AutoModelForCausalLM`` loads with the same logits: a loaded model whose routers still follow the
+checkpoint's rule (its blocks restored), an upcycled Llama/Mistral or a suite ``MoETransformerLM`` of
+Mixtral's form (both as Mixtral). Other routers and forms have no transformers counterpart and are
+refused with the reason (save ``model.pt`` in the suite's format instead).
 
 Routing groups are whole sequences (the MoE layer's default); padding is kept out of routing when
 ``forward`` gets an ``attention_mask``. transformers' own ``output_router_logits`` auxiliary loss is
@@ -413,15 +415,22 @@ def validate_hf_model(cfg) -> int | None:
 # ------------------------------------------------------------------------------------------ write back
 
 
+@torch.no_grad()
+def _write_sparse_block(hf_block: nn.Module, moe: MoE) -> None:
+    """The routed experts (``w1``/``w3`` -> ``gate_up_proj``, gate rows first; ``w2`` -> ``down_proj``)
+    and the router weight of ``moe`` into a transformers sparse block."""
+    ex, experts = moe.experts, hf_block.experts
+    experts.gate_up_proj.copy_(torch.cat([ex.w1_EDF, ex.w3_EDF], dim=2).transpose(1, 2))
+    experts.down_proj.copy_(ex.w2_EFO.transpose(1, 2))
+    hf_block.gate.weight.copy_(moe.router.weight)
+
+
 def _restore_block(block: HFMoEBlock, config) -> nn.Module:
     """A transformers sparse block of ``block.source`` with ``block``'s weights."""
-    hf_block = block.source(config)
+    hf_block = block.source(config).to(block.moe.experts.w1_EDF.dtype)
     moe, ex = block.moe, block.moe.experts
-    dt = hf_block.experts.gate_up_proj.dtype
+    _write_sparse_block(hf_block, moe)
     with torch.no_grad():
-        hf_block.experts.gate_up_proj.copy_(torch.cat([ex.w1_EDF, ex.w3_EDF], dim=2).transpose(1, 2).to(dt))
-        hf_block.experts.down_proj.copy_(ex.w2_EFO.transpose(1, 2).to(dt))
-        hf_block.gate.weight.copy_(moe.router.weight.to(hf_block.gate.weight.dtype))
         if isinstance(moe.router, DeepSeekRouter):
             hf_block.gate.e_score_correction_bias.copy_(moe.router.expert_bias_E)
         if moe.shared_experts is not None:
@@ -447,6 +456,8 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError(f"save_hf writes nlp.hf.HFCausalLM and nlp.models.MoETransformerLM models, not "
                          f"{type(model).__name__}; it is saved in the suite's format (model.pt).")
     config = model.config
+    if model.upcycled_from is not None and all(b.source is None for _, b in model.layer_blocks()):
+        return _save_upcycled_as_mixtral(model, directory)
     for i, block in model.layer_blocks():
         why = None
         if block.source is None:
@@ -473,6 +484,48 @@ def save_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
 def _refuse(why: str):
     raise ValueError(f"cannot save in Hugging Face format: {why}; transformers has no such model, so it is saved "
                      "in the suite's format (model.pt) instead.")
+
+
+UPCYCLE_TO_MIXTRAL = ("llama", "mistral")  # dense families whose layers Mixtral holds under the same names
+
+
+def _save_upcycled_as_mixtral(model: HFCausalLM, directory) -> Path:
+    """An upcycled Llama/Mistral written as a transformers Mixtral (attention, norms and embeddings
+    under the same names; every FFN an MoE with Mixtral's router)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = model.config
+    if c.model_type not in UPCYCLE_TO_MIXTRAL:
+        _refuse(f"the model was upcycled from a dense {c.model_type} FFN and transformers has no MoE form of "
+                f"{c.model_type} (Mixtral holds upcycled {' and '.join(UPCYCLE_TO_MIXTRAL)} models)")
+    if getattr(c, "attention_bias", False):
+        _refuse(f"the upcycled {c.model_type} has attention biases, which Mixtral does not")
+    blocks = [b for _, b in model.layer_blocks()]
+    if len(blocks) != c.num_hidden_layers:
+        _refuse("only some of its layers are MoE; Mixtral's are all")
+    for i, b in enumerate(blocks):
+        r = b.moe.router
+        if not (type(r) is TopKRouter and r.renormalize and r.capacity_factor is None and r.top_k == blocks[0].moe.router.top_k
+                and b.moe.num_experts == blocks[0].moe.num_experts):
+            _refuse(f"layer {i}'s router {type(r).__name__} is not Mixtral's renormalised dropless top-k, or the "
+                    "layers differ in top_k or num_experts")
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+            "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "attention_dropout", "sliding_window",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    config = MixtralConfig(**{k: getattr(c, k) for k in keep if getattr(c, k, None) is not None},
+                           num_local_experts=blocks[0].moe.num_experts, num_experts_per_tok=blocks[0].moe.router.top_k)
+    dtype = blocks[0].moe.experts.w1_EDF.dtype
+    hf = MixtralForCausalLM(config).to(dtype)
+    dense = {k: v for k, v in model.hf.state_dict().items() if ".mlp." not in k}
+    missing, unexpected = hf.load_state_dict(dense, strict=False)
+    if unexpected or any(".mlp." not in k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings):
+        _refuse(f"its {c.model_type} weights do not map onto Mixtral's (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for layer, b in zip(hf.model.layers, blocks):
+        _write_sparse_block(layer.mlp, b.moe)
+    out = Path(directory)
+    hf.save_pretrained(str(out))
+    return out
 
 
 def _mixtral_form(model) -> str | None:
@@ -538,10 +591,7 @@ def save_mixtral(model, directory: str | os.PathLike) -> Path:
                 lin.weight.copy_(w)
             layer.input_layernorm.weight.copy_(block.norm1.weight)
             layer.post_attention_layernorm.weight.copy_(block.norm2.weight)
-            ex, mlp = block.ffn.experts, layer.mlp
-            mlp.experts.gate_up_proj.copy_(torch.cat([ex.w1_EDF, ex.w3_EDF], dim=2).transpose(1, 2))
-            mlp.experts.down_proj.copy_(ex.w2_EFO.transpose(1, 2))
-            mlp.gate.weight.copy_(block.ffn.router.weight)
+            _write_sparse_block(layer.mlp, block.ffn)
     out = Path(directory)
     hf.save_pretrained(str(out))
     return out

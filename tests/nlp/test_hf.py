@@ -170,11 +170,24 @@ def test_write_back_refuses_routers_transformers_lacks(tmp_path):
     model = load_hf_lm(tmp_path / "in", router=functools.partial(AdaMoERouter, num_null_experts=4, top_k=4))
     with pytest.raises(ValueError, match=r"AdaMoERouter is not mixtral's router .*suite's format \(model.pt\)"):
         save_hf(model, tmp_path / "out")
-    save_tiny("llama", tmp_path / "dense")
+    save_tiny("qwen2", tmp_path / "dense")
     up = load_hf_lm(tmp_path / "dense", upcycle=True, num_experts=4)
-    with pytest.raises(ValueError, match="upcycled from a dense llama FFN"):
+    with pytest.raises(ValueError, match="upcycled from a dense qwen2 FFN and transformers has no MoE form of qwen2"):
         save_hf(up, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_upcycled_llama_writes_back_as_mixtral(tmp_path):
+    save_tiny("llama", tmp_path / "dense")
+    up = load_hf_lm(tmp_path / "dense", upcycle=True, num_experts=4)
+    _train_steps(up)
+    save_hf(up, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    assert type(back).__name__ == "MixtralForCausalLM" and back.config.num_local_experts == 4
+    with torch.no_grad():
+        diff = (back(input_ids=_ids()).logits - up(_ids())).abs().max().item()
+    print(f"upcycled llama -> transformers Mixtral after 2 steps: max abs logit diff {diff:.3e}")
+    assert diff < 1e-5
 
 
 # --------------------------------------------------------------------------------- model=hf in nlp.train
