@@ -56,7 +56,7 @@ from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 from nlp.models import MoETransformerLM, NonCausalRoutingError, default_router
 
-__all__ = ["HFCausalLM", "HFMoEBlock", "SUPPORTED_MOE", "convert_hf_model", "load_hf_lm", "read_hf_config", "save_hf",
+__all__ = ["HFCausalLM", "HFMoEBlock", "HFTokenizer", "SUPPORTED_MOE", "convert_hf_model", "load_hf_lm", "read_hf_config", "save_hf",
            "save_mixtral", "swap_router", "validate_hf_model"]
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,51 @@ def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | No
     model.allow_noncausal_routing = bool(allow_noncausal_routing)
     model._check_causal_routing()
     return model
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+class HFTokenizer:
+    """A checkpoint's own tokenizer (``transformers.AutoTokenizer``, local files only) with the
+    interface of ``nlp.data``'s tokenizers: ``encode``/``decode``/``encode_corpus``, ``vocab_size`` and
+    the BOS/EOS/PAD ids. Lines of a corpus become documents separated by EOS (as ``BPETokenizer``).
+
+    Args:
+        path: a directory with the tokenizer files ``save_pretrained`` writes (``tokenizer.json``...).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        p = Path(str(path)).expanduser()
+        if not p.is_dir():
+            raise ConfigError("data.tokenizer", str(path), "use byte, bpe or a local Hugging Face tokenizer directory")
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (ValueError, OSError) as err:
+            raise ConfigError("data.tokenizer", str(path), f"transformers cannot load a tokenizer from it ({err})") from None
+        self.name = f"hf:{p.name}"
+        self.vocab_size = len(self._tok)
+        self.eos_token_id = self._tok.eos_token_id
+        self.bos_token_id = self._tok.bos_token_id if self._tok.bos_token_id is not None else self.eos_token_id
+        self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def encode_corpus(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for line in text.splitlines():
+            if line.strip():
+                ids.extend(self.encode(line))
+                if self.eos_token_id is not None:
+                    ids.append(self.eos_token_id)
+        return ids
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -20,7 +20,7 @@ from core.routers.adamoe import AdaMoERouter
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.topk import TopKRouter
 from nlp.generate import generate_text, load_model
-from nlp.hf import HFCausalLM, load_hf_lm, save_hf
+from nlp.hf import HFCausalLM, HFTokenizer, load_hf_lm, save_hf
 from nlp.models import MoETransformerLM
 from nlp.training import build_model
 from tests.conftest import CONF_DIR
@@ -291,3 +291,21 @@ def test_suite_models_of_another_form_are_refused(tmp_path):
         save_hf(_suite_mixtral(glu=False, act_layer="gelu"), tmp_path)
     with pytest.raises(ValueError, match=r"router AdaMoERouter is not Mixtral's .*suite's format \(model.pt\)"):
         save_hf(_suite_mixtral(router=functools.partial(AdaMoERouter, num_null_experts=2, top_k=2)), tmp_path)
+
+
+def test_checkpoint_tokenizer_reads_local_files(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the dog runs", "a cat sleeps on the mat"] * 20, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(str(tmp_path))
+    t = HFTokenizer(tmp_path)
+    assert t.vocab_size == len(tok.get_vocab()) and t.eos_token_id == 2 and t.pad_token_id == 2
+    ids = t.encode_corpus("the dog sleeps\n\na cat\n")
+    assert ids.count(2) == 2 and t.decode(ids) == "the dog sleepsa cat"
+    with pytest.raises(ConfigError, match="data.tokenizer=.* is not allowed: use byte, bpe or a local"):
+        HFTokenizer(tmp_path / "nowhere")
