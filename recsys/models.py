@@ -18,15 +18,31 @@ Every model is split into torchrec-style stages: ``SparseArch`` (a torchrec ``Em
 over a ``KeyedJaggedTensor``), ``DenseArch`` (MLP on the dense features), the expert/gate stage
 (``MultiGateMixture``, ``PLEArch``) and one ``TowerArch`` per task. Experts are the core stacked
 ``Experts``; each gate is a core ``Router`` built from a ``router(dim=..., num_experts=...)`` partial
-(the Hydra ``router`` config), with every example a token and the batch one routing group (G=1, S=B),
-so expert-choice gates let experts pick examples within the batch. The default gate is the papers'
-dense softmax (``core.routers.dense.DenseRouter``).
+(the Hydra ``router`` config), with every example a token. The default gate is the papers' dense
+softmax (``core.routers.dense.DenseRouter``).
+
+Routing groups. Some gates decide over a group of examples: expert choice lets each expert pick its
+top-C examples of the group (Zhou et al., NeurIPS 2022), top-k with a capacity drops the choices past
+an expert's C slots of the group (GShard, Lepikhin et al. 2021), Soft MoE mixes the group into slots
+(Puigcerver et al., ICLR 2024), BASE balances the group. If the batch were the group, an example's
+prediction would depend on which other examples share its batch, and evaluation metrics on
+``data.eval_batch_size``. So a batch is cut into consecutive groups of ``routing_group_size`` examples
+(the config's default: the training batch size, so training batches are one group each, as before);
+the last group of a batch, when partial, is padded with zero rows that ``mask_GS`` marks as padding
+(routers keep them out of their choices; their outputs are dropped). An example's routing then depends
+only on its own group: the consecutive block of ``routing_group_size`` examples of the split it falls
+in, whatever the evaluation batch size, as long as evaluation batches hold whole groups
+(``recsys.training`` refuses an ``eval_batch_size`` that is not a multiple of ``routing_group_size``).
+This is the group-size convention of V-MoE and GShard (the group is a fixed number of tokens, not the
+batch); it makes evaluation exactly batch-invariant, not per-example: examples still share capacity
+with their group, as in training. Per-example gates (dense softmax, dropless top-k) are unaffected.
 
 ``forward(dense_features, sparse_features)`` returns B×K outputs: logits for binary tasks, values for
 regression tasks.
 
-Legend: B batch (examples = tokens of the single routing group), D gate/expert input width,
-O expert output width, E experts of a mixture, P slots per expert (soft gates), K tasks, N assignments.
+Legend: B batch (examples = tokens), G routing groups of a batch, S examples per group
+(``routing_group_size``; G·S >= B, the rest padding), D gate/expert input width, O expert output width,
+E experts of a mixture, J experts of one gate, P slots per expert (soft gates), K tasks, N assignments.
 """
 
 from __future__ import annotations
@@ -100,7 +116,7 @@ def build_gate(gate: RouterFactory | None, dim: int, num_experts: int, out_featu
     router.aux_losses = {}
     if num_experts > 1 and torch.allclose(mixture_weights(probes[0]), mixture_weights(probes[1])):
         raise GateError(f"router {name} cannot serve as a multi-task gate: its mixture weights do not depend "
-                         "on the examples (a batch is one routing group; a router that routes a group by an "
+                         "on the examples (a router that routes a group of examples by an "
                          "earlier group, as Lory, has nothing to route by).")
     if probes[0].residual_T is not None and out_features is not None and out_features != dim:
         raise GateError(f"router {name} cannot serve as this gate: it adds its input to the mixture "
@@ -221,14 +237,19 @@ class MultiGateMixture(nn.Module):
         expert_inputs: for each expert, the index of the input it reads (default all 0).
         gate_inputs: for each gate, the index of the input it reads (default all 0).
         act_layer: expert activation (ReLU, as in the papers).
+        routing_group_size: S, examples per routing group (module docstring); None: the whole batch
+            is one group (its routing then depends on the batch).
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int,
                  gate_experts: Sequence[Sequence[int]], gate: RouterFactory | None = None,
                  expert_inputs: Sequence[int] | None = None, gate_inputs: Sequence[int] | None = None,
-                 act_layer: type[nn.Module] = nn.ReLU):
+                 act_layer: type[nn.Module] = nn.ReLU, routing_group_size: int | None = None):
         super().__init__()
         E = check_positive_int("num_experts", num_experts)
+        if routing_group_size is not None:
+            check_positive_int("routing_group_size", routing_group_size)
+        self.routing_group_size = routing_group_size
         self.in_features, self.out_features, self.num_experts = in_features, out_features, E
         self.experts = Experts(E, in_features, hidden_features, out_features, act_layer=act_layer)
         expert_inputs = list(expert_inputs) if expert_inputs is not None else [0] * E
@@ -265,52 +286,63 @@ class MultiGateMixture(nn.Module):
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``inputs``: list of B×D tensors; returns one B×O tensor per gate."""
         B = inputs[0].shape[0]
+        S = (self.routing_group_size or B) if B else 0
+        G = -(-B // S) if B else 1
+        mask_GS = None
+        if G * S != B:  # a partial last group: pad it, and tell the routers which rows are padding
+            inputs = [nn.functional.pad(x, (0, 0, 0, G * S - B)) for x in inputs]
+            mask_GS = (torch.arange(G * S, device=inputs[0].device) < B).view(G, S)
+        T = G * S
         if len(set(self.expert_inputs)) == 1:
-            x_EBD = inputs[self.expert_inputs[0]].unsqueeze(0).expand(self.num_experts, B, self.in_features)
+            x_ETD = inputs[self.expert_inputs[0]].unsqueeze(0).expand(self.num_experts, T, self.in_features)
         else:
-            x_EBD = torch.stack([inputs[i] for i in self.expert_inputs])
-        y_EBO = None
+            x_ETD = torch.stack([inputs[i] for i in self.expert_inputs])
+        y_ETO = None
         outputs, routings = [], []
         for j, router in enumerate(self.gates):
             idx_J = self.gate_experts(j)
-            x_BD = inputs[self.gate_inputs[j]]
-            routing = router(x_BD.unsqueeze(0))
+            x_TD = inputs[self.gate_inputs[j]]
+            x_GSD = x_TD.view(G, S, self.in_features)
+            routing = router(x_GSD, mask_GS)
             if routing.is_merged:
-                merge_1E = x_BD.new_zeros(1, self.num_experts).index_copy(1, idx_J, routing.merge_GE.to(x_BD.dtype))
-                out_BO = self.experts.forward_merged(x_BD.unsqueeze(0), merge_1E)[0]
+                merge_GE = x_TD.new_zeros(G, self.num_experts).index_copy(1, idx_J, routing.merge_GE.to(x_TD.dtype))
+                out_TO = self.experts.forward_merged(x_GSD, merge_GE).reshape(T, self.out_features)
             elif routing.is_soft:
-                out_BO = self._soft(x_EBD, idx_J, routing)
+                out_TO = self._soft(x_ETD, idx_J, routing)
             else:
-                if y_EBO is None:
-                    y_EBO = self.experts.forward_batched(x_EBD)
-                w_N = routing.weight_N.to(y_EBO.dtype)[:, None]
-                picked_NO = y_EBO[idx_J[routing.expert_idx_N], routing.token_idx_N] * w_N
-                out_BO = y_EBO.new_zeros(B, self.out_features).index_add_(0, routing.token_idx_N, picked_NO)
+                if y_ETO is None:
+                    y_ETO = self.experts.forward_batched(x_ETD)
+                w_N = routing.weight_N.to(y_ETO.dtype)[:, None]
+                picked_NO = y_ETO[idx_J[routing.expert_idx_N], routing.token_idx_N] * w_N
+                out_TO = y_ETO.new_zeros(T, self.out_features).index_add_(0, routing.token_idx_N, picked_NO)
             if routing.residual_T is not None:
                 if self.out_features != self.in_features:
                     raise ValueError(f"router {type(router).__name__} adds its input to the output, which "
                                      f"needs expert out_features == in_features (got {self.out_features} "
                                      f"and {self.in_features}).")
-                out_BO = out_BO + routing.residual_T.to(out_BO.dtype)[:, None] * x_BD
-            outputs.append(out_BO)
+                out_TO = out_TO + routing.residual_T.to(out_TO.dtype)[:, None] * x_TD
+            outputs.append(out_TO[:B])
             routings.append(routing)
         if self.track_stats:
-            self._update_stats(routings)
+            self._update_stats(routings, B)
         if self.keep_last_routing:
             self.last_routings = routings
         return outputs
 
-    def _soft(self, x_EBD: torch.Tensor, idx_J: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Soft MoE slots: each slot mixes the examples as its expert reads them; only the gate's
-        experts receive slots (the others run on zeros and are discarded)."""
-        dispatch_BJP = routing.dispatch_GSEP[0].to(x_EBD.dtype)
-        slots_JPD = torch.einsum("bjp,jbd->jpd", dispatch_BJP, x_EBD.index_select(0, idx_J))
-        slots_EPD = slots_JPD.new_zeros(self.num_experts, *slots_JPD.shape[1:]).index_copy(0, idx_J, slots_JPD)
-        y_JPO = self.experts.forward_batched(slots_EPD).index_select(0, idx_J)
-        return torch.einsum("bjp,jpo->bo", routing.combine_GSEP[0].to(y_JPO.dtype), y_JPO)
+    def _soft(self, x_ETD: torch.Tensor, idx_J: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Soft MoE slots: each slot mixes the examples of its group as its expert reads them; only the
+        gate's experts receive slots (the others run on zeros and are discarded)."""
+        G, S = routing.num_groups, routing.group_size
+        dispatch_GSJP = routing.dispatch_GSEP.to(x_ETD.dtype)
+        x_JGSD = x_ETD.index_select(0, idx_J).view(len(idx_J), G, S, -1)
+        slots_JGPD = torch.einsum("gsjp,jgsd->jgpd", dispatch_GSJP, x_JGSD)
+        J, _, P, D = slots_JGPD.shape
+        slots_ENPD = slots_JGPD.new_zeros(self.num_experts, G * P, D).index_copy(0, idx_J, slots_JGPD.reshape(J, G * P, D))
+        y_JGPO = self.experts.forward_batched(slots_ENPD).index_select(0, idx_J).view(J, G, P, -1)
+        return torch.einsum("gsjp,jgpo->gso", routing.combine_GSEP.to(y_JGPO.dtype), y_JGPO).reshape(G * S, -1)
 
     @torch.no_grad()
-    def _update_stats(self, routings: list[Routing]) -> None:
+    def _update_stats(self, routings: list[Routing], num_examples: int) -> None:
         for j, routing in enumerate(routings):
             idx_J = self.gate_experts(j)
             self.stat_tokens[j].index_add_(0, idx_J, routing.tokens_per_expert().to(torch.float64))
@@ -319,7 +351,7 @@ class MultiGateMixture(nn.Module):
             sparse = not (routing.is_soft or routing.is_merged)
             choices = torch.as_tensor(routing.num_choices if sparse else 0, dtype=torch.float64,
                                       device=self.stat_counters.device)
-            self.stat_counters[j] += torch.stack([choices, choices.new_tensor(float(routing.num_tokens))])
+            self.stat_counters[j] += torch.stack([choices, choices.new_tensor(float(num_examples))])
 
     def reset_stats(self) -> None:
         self.stat_tokens.zero_()
@@ -345,11 +377,12 @@ class PLEArch(nn.Module):
         expert_hidden_features: expert hidden width.
         expert_out_features: expert output width (the input width of the next level and the towers).
         gate: router partial for every gate (None: dense softmax).
+        routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
 
     def __init__(self, in_features: int, num_tasks: int, num_levels: int = 1, num_task_experts: int = 1,
                  num_shared_experts: int = 1, expert_hidden_features: int = 16, expert_out_features: int = 16,
-                 gate: RouterFactory | None = None):
+                 gate: RouterFactory | None = None, routing_group_size: int | None = None):
         super().__init__()
         K = check_positive_int("num_tasks", num_tasks)
         check_positive_int("num_levels", num_levels)
@@ -370,7 +403,8 @@ class PLEArch(nn.Module):
                 gate_experts.append(list(range(E)))
             self.levels.append(MultiGateMixture(
                 width, expert_hidden_features, expert_out_features, E, gate_experts, gate=gate,
-                expert_inputs=expert_inputs, gate_inputs=list(range(len(gate_experts)))))
+                expert_inputs=expert_inputs, gate_inputs=list(range(len(gate_experts))),
+                routing_group_size=routing_group_size))
             width = expert_out_features
         self.out_features = expert_out_features
 
@@ -514,18 +548,21 @@ class MMoE(MultiTaskModel):
         bottom_layer_sizes: optional shared MLP below the mixture (MMoE §6.4.1).
         gate: router partial ``gate(dim=..., num_experts=...)`` for every gate (None: dense softmax).
         one_gate: OMoE.
+        routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
 
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection | None, dense_in_features: int,
                  num_tasks: int, dense_arch_layer_sizes: Sequence[int] = (), tower_layer_sizes: Sequence[int] = (8,),
                  num_experts: int = 8, expert_hidden_features: int = 16, expert_out_features: int = 16,
-                 bottom_layer_sizes: Sequence[int] = (), gate: RouterFactory | None = None, one_gate: bool = False):
+                 bottom_layer_sizes: Sequence[int] = (), gate: RouterFactory | None = None, one_gate: bool = False,
+                 routing_group_size: int | None = None):
         super().__init__(embedding_bag_collection, dense_in_features, num_tasks, dense_arch_layer_sizes,
                          tower_layer_sizes)
         width = self.input_arch.out_features
         num_gates = 1 if one_gate else num_tasks
         mixture = MultiGateMixture(_out_size(width, bottom_layer_sizes), expert_hidden_features, expert_out_features,
-                                   num_experts, [list(range(num_experts))] * num_gates, gate=gate)
+                                   num_experts, [list(range(num_experts))] * num_gates, gate=gate,
+                                   routing_group_size=routing_group_size)
         self.body = _MixtureBody(_mlp(width, bottom_layer_sizes), mixture, num_tasks)
         self._build_towers(expert_out_features)
 
@@ -549,16 +586,19 @@ class PLE(MultiTaskModel):
         num_shared_experts: shared experts per level.
         expert_hidden_features, expert_out_features: expert widths.
         gate: router partial for every gate (None: dense softmax).
+        routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
 
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection | None, dense_in_features: int,
                  num_tasks: int, dense_arch_layer_sizes: Sequence[int] = (), tower_layer_sizes: Sequence[int] = (8,),
                  num_levels: int = 2, num_task_experts: int = 1, num_shared_experts: int = 1,
-                 expert_hidden_features: int = 16, expert_out_features: int = 16, gate: RouterFactory | None = None):
+                 expert_hidden_features: int = 16, expert_out_features: int = 16, gate: RouterFactory | None = None,
+                 routing_group_size: int | None = None):
         super().__init__(embedding_bag_collection, dense_in_features, num_tasks, dense_arch_layer_sizes,
                          tower_layer_sizes)
         self.body = PLEArch(self.input_arch.out_features, num_tasks, num_levels, num_task_experts,
-                            num_shared_experts, expert_hidden_features, expert_out_features, gate)
+                            num_shared_experts, expert_hidden_features, expert_out_features, gate,
+                            routing_group_size)
         self._build_towers(expert_out_features)
 
 
