@@ -24,9 +24,10 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, init_router_weight,
-    select_token_choice,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int,
+    init_router_weight, select_token_choice,
 )
+from core.routers.batch_priority import check_batch_priority
 from core.routing import Routing
 
 
@@ -40,6 +41,8 @@ class AdaMoERouter(TokenChoiceCapacity, Router):
         top_k: K choices among n + m (AdaMoE on Mixtral: 4, up from 2).
         capacity_factor: cf > 0 for a true expert's capacity ``ceil(S·K·cf/(n+m))`` (each of the
             n + m outputs gets ``S·K/(n+m)`` choices at balance), or None for dropless routing.
+        batch_priority: Batch Prioritized Routing (V-MoE, Riquelme et al. 2021): tokens claim buffer
+            slots by descending true-expert probability; needs a capacity (``core.routers.batch_priority``).
         noise_std: Gaussian logit noise in training, σ = noise_std / (n+m).
         load_loss_weight: weight of the null-aware Switch loss (1e-3; 1e-4 for Mixtral fine-tuning).
     """
@@ -47,7 +50,8 @@ class AdaMoERouter(TokenChoiceCapacity, Router):
     family = "token choice"
 
     def __init__(self, dim: int, num_experts: int, num_null_experts: int = 8, top_k: int = 4,
-                 capacity_factor: float | None = None, noise_std: float = 0.0, load_loss_weight: float = 1e-3):
+                 capacity_factor: float | None = None, noise_std: float = 0.0, load_loss_weight: float = 1e-3,
+                 batch_priority: bool = False):
         super().__init__(dim, num_experts)
         self.num_null_experts = check_positive_int("num_null_experts", num_null_experts, minimum=0)
         check_positive_int("top_k", top_k)
@@ -58,6 +62,7 @@ class AdaMoERouter(TokenChoiceCapacity, Router):
         check_finite("load_loss_weight", load_loss_weight, ge=0)
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.batch_priority = check_batch_priority(batch_priority, capacity_factor, type(self).__name__)
         self.noise_std = noise_std
         self.load_loss_weight = load_loss_weight
         self.weight = init_router_weight(total, dim)
@@ -82,8 +87,8 @@ class AdaMoERouter(TokenChoiceCapacity, Router):
         # A true expert in the top-K of all n+m is also in the top-min(K,n) of the true experts, so
         # selecting there and keeping only the chosen ones lists exactly the true choices.
         true_probs_GSE = probs_GSE / probs_GSE.sum(-1, keepdim=True).clamp_min(1e-20)
-        routing = select_token_choice(probs_GSE, gates_GSE, min(K, E), self.capacity(x_GSD.shape[1]), False,
-                                      mask_GS, scores_GSE=true_probs_GSE, eligible_GSE=chosen_GSE)
+        routing = select_token_choice(probs_GSE, gates_GSE, min(K, E), self.capacity(x_GSD.shape[1]),
+                                      self.batch_priority, mask_GS, scores_GSE=true_probs_GSE, eligible_GSE=chosen_GSE)
         true_GS = chosen_GSE.sum(-1)
         if mask_GS is not None:
             true_GS = true_GS * mask_GS

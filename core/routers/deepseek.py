@@ -30,6 +30,7 @@ from core.routers.base import (
     Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
     init_router_weight, select_token_choice,
 )
+from core.routers.batch_priority import check_batch_priority
 from core.routing import Routing
 
 
@@ -47,6 +48,8 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
         topk_group: groups a token may use (<= n_group).
         bias_update_rate: γ of the bias update (1e-3; 0 freezes the bias).
         capacity_factor: cf > 0 for C = ceil(S·K·cf/E), or None (dropless, as DeepSeek-V3).
+        batch_priority: Batch Prioritized Routing (V-MoE, Riquelme et al. 2021): tokens claim buffer
+            slots by descending selection score (affinity + bias); needs a capacity (``core.routers.batch_priority``).
         seq_aux_loss_weight: α of the sequence-wise balance loss (0 = off; V3 uses 1e-4).
     """
 
@@ -55,7 +58,7 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, score_func: str = "sigmoid",
                  route_scale: float = 1.0, renormalize: bool = True, n_group: int = 1, topk_group: int = 1,
                  bias_update_rate: float = 1e-3, capacity_factor: float | None = None,
-                 seq_aux_loss_weight: float = 0.0):
+                 seq_aux_loss_weight: float = 0.0, batch_priority: bool = False):
         super().__init__(dim, num_experts)
         check_positive_int("top_k", top_k)
         if top_k > num_experts:
@@ -80,6 +83,7 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
         self.n_group, self.topk_group = n_group, topk_group
         self.bias_update_rate = float(bias_update_rate)
         self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.batch_priority = check_batch_priority(batch_priority, capacity_factor, type(self).__name__)
         self.seq_aux_loss_weight = seq_aux_loss_weight
         self.weight = init_router_weight(num_experts, dim)
         # State outside autograd: the bias is saved with the model; the pending counts are not.
@@ -123,7 +127,7 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
         # router probabilities for statistics and the sequence-wise loss: scores normalised per token
         probs_GSE = scores_GSE / scores_GSE.sum(-1, keepdim=True).clamp_min(1e-20)
         routing = select_token_choice(select_GSE, gates_GSE, self.top_k, self.capacity(x_GSD.shape[1]),
-                                      False, mask_GS, scores_GSE=probs_GSE)
+                                      self.batch_priority, mask_GS, scores_GSE=probs_GSE)
         routing.extras["expert_bias_E"] = self.expert_bias_E.detach().clone()
         self.aux_losses = {}
         if self.training:

@@ -24,6 +24,7 @@ from core.routers.base import (
     Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
     init_router_weight, select_token_choice,
 )
+from core.routers.batch_priority import check_batch_priority
 from core.routing import Routing
 
 
@@ -35,6 +36,8 @@ class GShardRouter(TokenChoiceCapacity, Router):
         num_experts: E (>= 2).
         capacity_factor: cf > 0, C = ceil(2·S·cf/E); None for dropless routing.
         capacity_multiple_of: round C up to a multiple of this.
+        batch_priority: Batch Prioritized Routing (V-MoE, Riquelme et al. 2021): tokens claim buffer
+            slots by descending top-1 gate; needs a capacity (``core.routers.batch_priority``).
         random_routing: draw the second expert with probability 2·g2 in training (else always keep it).
         eval_second_expert: ``"always"`` or ``"threshold"`` (keep e2 iff 2·g2 > 1/2) at evaluation.
         gshard_loss_weight: weight of the GShard balance loss.
@@ -46,13 +49,14 @@ class GShardRouter(TokenChoiceCapacity, Router):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float | None = 1.0,
                  capacity_multiple_of: int = 1, random_routing: bool = True,
                  eval_second_expert: str = "always", gshard_loss_weight: float = 1e-2,
-                 z_loss_weight: float = 0.0):
+                 z_loss_weight: float = 0.0, batch_priority: bool = False):
         super().__init__(dim, num_experts)
         check_positive_int("num_experts", num_experts, minimum=2)
         if eval_second_expert not in ("always", "threshold"):
             raise ValueError(f"eval_second_expert={eval_second_expert!r} is not allowed: use 'always' or 'threshold'.")
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.capacity_multiple_of = check_positive_int("capacity_multiple_of", capacity_multiple_of)
+        self.batch_priority = check_batch_priority(batch_priority, capacity_factor, type(self).__name__)
         self.random_routing = check_bool("random_routing", random_routing)
         check_finite("gshard_loss_weight", gshard_loss_weight, ge=0)
         check_finite("z_loss_weight", z_loss_weight, ge=0)
@@ -81,8 +85,8 @@ class GShardRouter(TokenChoiceCapacity, Router):
         # the first choice is always eligible; a second choice that lost its draw is no choice at all
         keep_GS2 = torch.stack([torch.ones_like(keep2_GS), keep2_GS], dim=-1)
         eligible_GSE = torch.zeros_like(gates_GSE, dtype=torch.bool).scatter(-1, top_GS2.indices, keep_GS2)
-        routing = select_token_choice(gates_GSE, combine_GSE, 2, self.capacity(x_GSD.shape[1]), False,
-                                      mask_GS, scores_GSE=gates_GSE, eligible_GSE=eligible_GSE)
+        routing = select_token_choice(gates_GSE, combine_GSE, 2, self.capacity(x_GSD.shape[1]),
+                                      self.batch_priority, mask_GS, scores_GSE=gates_GSE, eligible_GSE=eligible_GSE)
         choices_GS = 1 + keep2_GS.long()
         if mask_GS is not None:
             choices_GS = choices_GS * mask_GS

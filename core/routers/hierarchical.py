@@ -19,9 +19,10 @@ import torch
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, init_router_weight,
-    select_token_choice,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int,
+    init_router_weight, select_token_choice,
 )
+from core.routers.batch_priority import check_batch_priority
 from core.routing import Routing
 
 
@@ -35,13 +36,16 @@ class HierarchicalRouter(TokenChoiceCapacity, Router):
         top_groups: groups chosen per token (<= H).
         top_k: experts chosen inside each chosen group (<= E/H); a token uses top_groups·top_k experts.
         capacity_factor: cf > 0 for C = ceil(S·top_groups·top_k·cf/E), or None for dropless routing.
+        batch_priority: Batch Prioritized Routing (V-MoE, Riquelme et al. 2021): tokens claim buffer
+            slots by descending chosen path probability; needs a capacity (``core.routers.batch_priority``).
         switch_loss_weight: weight of the Switch loss on the path probabilities (1e-2).
     """
 
     family = "token choice"
 
     def __init__(self, dim: int, num_experts: int, num_expert_groups: int = 2, top_groups: int = 1,
-                 top_k: int = 1, capacity_factor: float | None = None, switch_loss_weight: float = 1e-2):
+                 top_k: int = 1, capacity_factor: float | None = None, switch_loss_weight: float = 1e-2,
+                 batch_priority: bool = False):
         super().__init__(dim, num_experts)
         H = check_positive_int("num_expert_groups", num_expert_groups)
         if num_experts % H:
@@ -54,6 +58,7 @@ class HierarchicalRouter(TokenChoiceCapacity, Router):
             raise ValueError(f"top_k={top_k} is not allowed: it must be <= experts per group={num_experts // H}.")
         self.num_expert_groups, self.top_groups, self.top_k = H, top_groups, top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.batch_priority = check_batch_priority(batch_priority, capacity_factor, type(self).__name__)
         self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.group_weight = init_router_weight(H, dim)
         self.weight = init_router_weight(num_experts, dim)
@@ -76,8 +81,8 @@ class HierarchicalRouter(TokenChoiceCapacity, Router):
         chosen_GSE = (group_ok_GSH[..., None] & inner_ok_GSHJ).reshape(G, S, E)
         # chosen paths outrank every other expert (probabilities are > 0 > −1)
         select_GSE = torch.where(chosen_GSE, path_GSE.detach(), torch.full_like(path_GSE, -1.0))
-        routing = select_token_choice(select_GSE, path_GSE, self.experts_per_token, self.capacity(S), False,
-                                      mask_GS, scores_GSE=path_GSE)
+        routing = select_token_choice(select_GSE, path_GSE, self.experts_per_token, self.capacity(S),
+                                      self.batch_priority, mask_GS, scores_GSE=path_GSE)
         self.aux_losses = {}
         if self.training and self.switch_loss_weight:
             idx_GSK = select_GSE.topk(self.experts_per_token, dim=-1).indices

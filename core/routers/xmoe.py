@@ -20,8 +20,10 @@ from torch import nn
 
 from core import losses
 from core.routers.base import (
-    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int, select_token_choice,
+    Router, TokenChoiceCapacity, check_capacity_factor, check_finite, check_positive_int,
+    select_token_choice,
 )
+from core.routers.batch_priority import check_batch_priority
 from core.routing import Routing
 
 
@@ -35,6 +37,8 @@ class XMoERouter(TokenChoiceCapacity, Router):
         routing_dim: d_e, width of the routing space (16).
         temperature_init: initial τ (> 0).
         capacity_factor: cf > 0 for C = ceil(S·K·cf/E), or None for dropless routing.
+        batch_priority: Batch Prioritized Routing (V-MoE, Riquelme et al. 2021): tokens claim buffer
+            slots by descending top-1 gate; needs a capacity (``core.routers.batch_priority``).
         switch_loss_weight: weight of the Switch balance loss (1e-2).
     """
 
@@ -43,7 +47,7 @@ class XMoERouter(TokenChoiceCapacity, Router):
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, routing_dim: int = 16,
                  temperature_init: float = 0.5, capacity_factor: float | None = None,
-                 switch_loss_weight: float = 1e-2):
+                 switch_loss_weight: float = 1e-2, batch_priority: bool = False):
         super().__init__(dim, num_experts)
         check_positive_int("top_k", top_k)
         if top_k > num_experts:
@@ -52,6 +56,7 @@ class XMoERouter(TokenChoiceCapacity, Router):
         check_finite("temperature_init", temperature_init, gt=0)
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.batch_priority = check_batch_priority(batch_priority, capacity_factor, type(self).__name__)
         self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.proj_RD = nn.Parameter(torch.randn(routing_dim, dim) / math.sqrt(dim))
         # orthogonal expert embeddings (as the official code) so the experts start well separated
@@ -69,7 +74,7 @@ class XMoERouter(TokenChoiceCapacity, Router):
             logits_GSE = (h_GSR @ emb_ER.t()) * self.logit_scale.clamp(max=self.max_logit_scale).exp()
         gates_GSE = torch.softmax(logits_GSE, dim=-1)
         routing = select_token_choice(gates_GSE, gates_GSE, self.top_k, self.capacity(x_GSD.shape[1]),
-                                      False, mask_GS)
+                                      self.batch_priority, mask_GS)
         self.aux_losses = {}
         if self.training and self.switch_loss_weight:
             idx_GSK = gates_GSE.topk(self.top_k, dim=-1).indices
