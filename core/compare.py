@@ -6,8 +6,9 @@ Reads every run directory under the given run or multirun directories (any domai
 one PNG per domain.
 
 - **A row is one configuration.** Two runs share a row only when their composed configs are equal
-  apart from the seed and the keys that say where and how a run reports (``IGNORED``: output paths,
-  logging and checkpoint cadence, the device, threads). A row's label is the router (``none`` is the
+  apart from the seed (and keys that follow it, such as ``data.dataset.seed: ${seed}``) and the keys
+  that say where and how a run reports (``IGNORED``: output paths, logging and checkpoint cadence,
+  the device, threads). A row's label is the router (``none`` is the
   dense baseline) followed by the keys whose values differ between rows of the same router, e.g.
   ``topk lr=0.01``.
 - **n counts distinct seeds.** Runs of one configuration with the same seed are one seed: their values
@@ -221,12 +222,21 @@ def row_label(run: dict) -> str:
     return label
 
 
-def _identity(run: dict) -> tuple:
+def seed_derived_keys(runs: list[dict]) -> set[str]:
+    """Config keys that follow the seed (``data.dataset.seed: ${seed}``, resolved in ``config.yaml``):
+    named ``*seed*`` and equal to the run's seed in every run that has them."""
+    keys = {k for r in runs if r["_config"] for k in r["_config"] if "seed" in k.rsplit(".", 1)[-1] and k != "seed"}
+    return {k for k in keys if all(json.loads(r["_config"][k]) == r.get("_seed")
+                                   for r in runs if r["_config"] and k in r["_config"])}
+
+
+def _identity(run: dict, follow_seed: set[str] = frozenset()) -> tuple:
     if run["_config"] is None:
         return (("router", json.dumps(row_label(run))),) + tuple(
             (k, json.dumps(run.get(k), default=str)) for k in METRICS_IDENTITY if k in run)
     return (("router", json.dumps(row_label(run))),) + tuple(sorted(
-        (k, v) for k, v in run["_config"].items() if not _under(k, IGNORED) and not _under(k, BUDGET)))
+        (k, v) for k, v in run["_config"].items()
+        if not _under(k, IGNORED) and not _under(k, BUDGET) and k not in follow_seed))
 
 
 def _budget(run: dict) -> tuple:
@@ -310,9 +320,13 @@ def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
         dicts = [dict(i) for i in idents]
         keys = sorted({k for d in dicts for k in d})
         varying = [k for k in keys if len({d.get(k, UNSET) for d in dicts}) > 1]
-        # model.router.top_k repeats router.top_k: keep the shorter name when they always agree
-        same = lambda a, b: all(d.get(a, UNSET) == d.get(b, UNSET) for d in dicts)  # noqa: E731
-        varying = [k for k in varying if not any(o != k and k.endswith("." + o) and same(k, o) for o in varying)]
+        # model.gate.top_k repeats router.top_k (the model reads the router node): keep the shortest
+        # name of keys that agree in every row
+        kept: list[str] = []
+        for k in sorted(varying, key=lambda k: (k.count("."), k)):
+            if not any(all(d.get(k, UNSET) == d.get(o, UNSET) for d in dicts) for o in kept):
+                kept.append(k)
+        varying = sorted(kept)
         tails = Counter(k.rsplit(".", 1)[-1] for k in varying)
         for ident, d in zip(idents, dicts):
             parts = [router]
@@ -339,8 +353,9 @@ def build_tables(runs: list[dict], baseline: str = "none") -> list[Table]:
         for r in by_domain[domain]:
             by_budget[_budget(r)].append(r)
         order = sorted(by_budget, key=lambda b: (-len(by_budget[b]), str(b)))
+        follow_seed = seed_derived_keys(by_domain[domain])
         for i, budget in enumerate(order):
-            tables.append(_table(domain, budget, i == 0, metric, higher, by_budget[budget], baseline))
+            tables.append(_table(domain, budget, i == 0, metric, higher, by_budget[budget], baseline, follow_seed))
     return tables
 
 
@@ -349,10 +364,10 @@ def _seed_key(run: dict) -> str:
     return f"seed {_show(json.dumps(run['_seed'], default=str))}" if run.get("_seed") is not None else f"run {run['_path']} (no seed)"
 
 
-def _table(domain, budget, main, metric, higher, runs, baseline) -> Table:
+def _table(domain, budget, main, metric, higher, runs, baseline, follow_seed=frozenset()) -> Table:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[_identity(r)].append(r)
+        groups[_identity(r, follow_seed)].append(r)
     labels = _labels(groups)
     rows = []
     for ident, members in groups.items():
@@ -384,13 +399,12 @@ def _f(x: float, spec: str) -> str:
 
 
 def fmt_stat(s: Stat, spec: str = "{:.4f}", interval: bool = True) -> str:
-    """``mean ± std [low, high] n=k`` (one value: ``mean n=1``)."""
+    """``mean ± std [low, high] n=k`` (one value: ``mean n=1``); ``mean ± std`` without ``interval``."""
+    if not interval:
+        return _f(s.mean, spec) if s.n == 1 else f"{_f(s.mean, spec)} ± {_f(s.std, spec)}"
     if s.n == 1:
         return f"{_f(s.mean, spec)} n=1"
-    text = f"{_f(s.mean, spec)} ± {_f(s.std, spec)}"
-    if interval:
-        text += f" [{_f(s.mean - s.ci95, spec)}, {_f(s.mean + s.ci95, spec)}]"
-    return text + f" n={s.n}"
+    return f"{_f(s.mean, spec)} ± {_f(s.std, spec)} [{_f(s.mean - s.ci95, spec)}, {_f(s.mean + s.ci95, spec)}] n={s.n}"
 
 
 def fmt_diff(d: Diff, spec: str = "{:+.4f}") -> str:

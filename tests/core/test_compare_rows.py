@@ -85,7 +85,8 @@ def test_capacity_and_model_differences_make_rows_router_keys_do_not(tmp_path):
     for model in ("mmoe", "ple"):
         for cf in (1.0, 4.0):
             for seed in (0, 1):
-                cfg = _config(base, seed, **{"router.capacity_factor": cf, "model_name": model})
+                cfg = _config(base, seed, **{"router.capacity_factor": cf, "model.gate.capacity_factor": cf,
+                                             "model_name": model})
                 cfg["model"]["_name_hint"] = model  # a model-level difference
                 _run(root, f"r{i}", cfg, router="topk", domain="recsys", metric="test_auc", test_auc=0.7 + 0.01 * i)
                 i += 1
@@ -171,3 +172,18 @@ def test_paired_difference_matches_scipy():
     ref = stats.ttest_rel([0.6, 0.7, 0.65], [0.5, 0.55, 0.6]).confidence_interval(0.95)
     assert d.test == "paired n=3"
     assert d.value - d.half == pytest.approx(ref.low) and d.value + d.half == pytest.approx(ref.high)
+
+
+def test_keys_that_follow_the_seed_do_not_split_rows(tmp_path):
+    """data=synthetic resolves ``data.dataset.seed: ${seed}``: seeds 0-2 are still one row, while a fixed
+    key named like a seed (``sine_seed``) set apart makes its own row."""
+    base = OmegaConf.to_container(compose("recsys", "debug=default", "data=synthetic"), resolve=True)
+    root = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        cfg = _config(base, seed, **{"data.dataset.seed": seed})
+        _run(root, f"s{seed}", cfg, router="dense", domain="recsys", metric="test_mse_mean", test_mse_mean=1.0 + seed)
+    _run(root, "other", _config(base, 0, **{"data.dataset.sine_seed": 7}), router="dense", domain="recsys",
+         metric="test_mse_mean", test_mse_mean=2.0)
+    rows = {r["configuration"]: r for r in _csv_of(root, tmp_path)}
+    assert set(rows) == {"dense sine_seed=0", "dense sine_seed=7"}
+    assert int(rows["dense sine_seed=0"]["n"]) == 3
