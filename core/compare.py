@@ -19,8 +19,8 @@ one PNG per domain.
   over the seeds both rows have when they share at least two, Welch's unequal-variance interval
   otherwise (Student 1908; Welch 1947).
 - **Budgets are never averaged together.** Runs whose budget (``BUDGET``: step and epoch limits,
-  data caps, the ``debug`` overlay) differs from the most common one of their domain go into a
-  separate table headed by what differs.
+  data caps, the ``debug`` overlay; and the device and precision they ran at) differs from the most
+  common one of their domain go into a separate table headed by what differs.
 - **Nothing is dropped silently.** Unreadable ``metrics.json`` or ``config.yaml`` files and run
   directories without ``metrics.json`` (unfinished or crashed runs) are listed in the report with the
   reason, as are runs without a ``config.yaml`` (grouped by the settings ``metrics.json`` records).
@@ -240,9 +240,12 @@ def _identity(run: dict, follow_seed: set[str] = frozenset()) -> tuple:
 
 
 def _budget(run: dict) -> tuple:
+    """The run's budget keys, then the device and precision it ran at (``metrics.json``: a cuda bf16
+    run is not averaged with cpu fp32 runs; the CPU model and thread count are not part of it)."""
+    where = (("device", json.dumps(f"{run['device']} {run.get('precision')}")),) if run.get("device") else ()
     if run["_config"] is None:
-        return ()
-    return tuple((k, run["_config"].get(k, json.dumps(None))) for k in BUDGET)
+        return where
+    return tuple((k, run["_config"].get(k, json.dumps(None))) for k in BUDGET) + where
 
 
 def _show(text: str) -> str:
@@ -254,6 +257,12 @@ def _show(text: str) -> str:
 
 def budget_text(budget: tuple) -> str:
     return ", ".join(f"{k}={_show(v)}" for k, v in budget) or "not recorded (no config.yaml)"
+
+
+def _budget_difference(budget: tuple, main: tuple) -> tuple:
+    """The entries of ``budget`` that differ from (or are missing in) the main table's ``main``."""
+    ref = dict(main)
+    return tuple((k, v) for k, v in budget if ref.get(k) != v) or budget
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -541,7 +550,7 @@ def report(runs: list[dict], title: str = "Router comparison", commands: list[st
             parts += [f"## {t.domain}", "", f"Budget: {budget_text(t.budget)}.", ""]
         else:
             main = next(m for m in tables if m.domain == t.domain and m.main)
-            differ = [(k, v) for (k, v), (_, mv) in zip(t.budget, main.budget) if v != mv] if main.budget else t.budget
+            differ = _budget_difference(t.budget, main.budget)
             parts += [f"### {t.domain}, another budget: {budget_text(differ)}", "",
                       f"Listed apart, not averaged with the runs above. Budget: {budget_text(t.budget)}.", ""]
         parts += [to_markdown(*table_rows(t))]

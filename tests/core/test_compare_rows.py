@@ -120,12 +120,14 @@ def test_other_budgets_are_listed_apart(tmp_path, vision_debug_config):
         _run(root, f"s{seed}", _config(vision_debug_config, seed), router="topk", test_acc=0.5)
     _run(root, "long", _config(vision_debug_config, 0, **{"trainer.max_steps": 400}), router="topk", test_acc=0.9)
     _run(root, "nodebug", _config(vision_debug_config, 1), debug=None, router="topk", test_acc=0.8)
+    _run(root, "gpu", _config(vision_debug_config, 2), router="topk", test_acc=0.7, device="cuda", precision="bf16")
     out = compare([root], tmp_path / "cmp")
     rows = _csv(tmp_path / "cmp")
     main = [r for r in rows if r["main_budget"] == "True"]
     assert len(main) == 1 and int(main[0]["n"]) == 3 and float(main[0]["mean"]) == pytest.approx(0.5)
     apart = sorted(float(r["mean"]) for r in rows if r["main_budget"] == "False")
-    assert apart == [0.8, 0.9]
+    assert apart == [0.7, 0.8, 0.9]
+    assert "### vision, another budget: device=cuda bf16" in out["markdown"]
     assert "### vision, another budget: trainer.max_steps=400" in out["markdown"]
     assert "### vision, another budget: debug=null" in out["markdown"]
 
