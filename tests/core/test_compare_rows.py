@@ -189,3 +189,19 @@ def test_keys_that_follow_the_seed_do_not_split_rows(tmp_path):
     rows = {r["configuration"]: r for r in _csv_of(root, tmp_path)}
     assert set(rows) == {"dense sine_seed=0", "dense sine_seed=7"}
     assert int(rows["dense sine_seed=0"]["n"]) == 3
+
+
+def test_runs_without_config_yaml_are_listed_apart(tmp_path, vision_debug_config):
+    """A run whose config is unknown has an unknown budget: its own table, never averaged in."""
+    root = tmp_path / "runs"
+    _run(root, "new", _config(vision_debug_config, 0), router="topk", test_acc=0.5)
+    old = root / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"domain": "vision", "router": "topk", "seed": 0, "test_acc": 0.6,
+                                                  "metric": "test_acc"}))
+    out = compare([root], tmp_path / "cmp")
+    rows = _csv(tmp_path / "cmp")
+    assert [(r["configuration"], r["n"]) for r in rows] == [("topk", "1"), ("topk", "1")]
+    assert "### vision, another budget: not recorded (no config.yaml)" in out["markdown"]
+    assert "- without config.yaml (grouped by the router and the settings metrics.json records): topk" \
+        in out["markdown"]
