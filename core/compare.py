@@ -230,11 +230,26 @@ def seed_derived_keys(runs: list[dict]) -> set[str]:
                                    for r in runs if r["_config"] and k in r["_config"])}
 
 
+# the names metrics.json gives a run's model and data (``model=ple``, ``data=adult``): a label shows
+# them, instead of every model or data key, when they differ between rows of one router
+NAMED = (("model", ("model",)), ("data", ("data", "dataset")))
+
+
+def _names(run: dict) -> tuple:
+    out = []
+    for label, keys in NAMED:
+        value = next((run[k] for k in keys if isinstance(run.get(k), str)), None)
+        out.append((f"~{label}", json.dumps(value)))
+    return tuple(out)
+
+
 def _identity(run: dict, follow_seed: set[str] = frozenset()) -> tuple:
+    """``(("router", label), ("~model", name), ("~data", name), *config items)``: equal for two runs
+    exactly when they are one configuration."""
+    head = (("router", json.dumps(row_label(run))),) + _names(run)
     if run["_config"] is None:
-        return (("router", json.dumps(row_label(run))),) + tuple(
-            (k, json.dumps(run.get(k), default=str)) for k in METRICS_IDENTITY if k in run)
-    return (("router", json.dumps(row_label(run))),) + tuple(sorted(
+        return head + tuple((k, json.dumps(run.get(k), default=str)) for k in METRICS_IDENTITY if k in run)
+    return head + tuple(sorted(
         (k, v) for k, v in run["_config"].items()
         if not _under(k, IGNORED) and not _under(k, BUDGET) and k not in follow_seed))
 
@@ -319,30 +334,40 @@ def quality_key(domain: str, runs: list[dict]) -> tuple[str | None, bool]:
     return None, True
 
 
+def _varying(dicts: list[dict]) -> list[str]:
+    """Config keys whose values differ between ``dicts``; of keys that agree in every one (the model
+    reads the router node: ``model.gate.top_k`` repeats ``router.top_k``) only the shortest name."""
+    keys = sorted({k for d in dicts for k in d if not k.startswith("~")})
+    varying = [k for k in keys if len({d.get(k, UNSET) for d in dicts}) > 1]
+    kept: list[str] = []
+    for k in sorted(varying, key=lambda k: (k.count("."), k)):
+        if not any(all(d.get(k, UNSET) == d.get(o, UNSET) for d in dicts) for o in kept):
+            kept.append(k)
+    return sorted(kept)
+
+
 def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
-    """Router name plus the keys whose values differ between the rows of that router."""
-    by_router: dict[str, list[tuple]] = defaultdict(list)
+    """Router name; then the model and data names where they differ between rows of that router
+    (``topk model=ple``); then the keys whose values differ between rows of the same router, model
+    and data (``topk lr=0.01``)."""
+    by_router: dict[str, list[dict]] = defaultdict(list)
     for ident in groups:
-        by_router[json.loads(ident[0][1])].append(ident)
+        by_router[json.loads(ident[0][1])].append(dict(ident))
     labels = {}
-    for router, idents in by_router.items():
-        dicts = [dict(i) for i in idents]
-        keys = sorted({k for d in dicts for k in d})
-        varying = [k for k in keys if len({d.get(k, UNSET) for d in dicts}) > 1]
-        # model.gate.top_k repeats router.top_k (the model reads the router node): keep the shortest
-        # name of keys that agree in every row
-        kept: list[str] = []
-        for k in sorted(varying, key=lambda k: (k.count("."), k)):
-            if not any(all(d.get(k, UNSET) == d.get(o, UNSET) for d in dicts) for o in kept):
-                kept.append(k)
-        varying = sorted(kept)
-        tails = Counter(k.rsplit(".", 1)[-1] for k in varying)
-        for ident, d in zip(idents, dicts):
-            parts = [router]
-            for k in varying:
-                name = k.rsplit(".", 1)[-1] if tails[k.rsplit(".", 1)[-1]] == 1 else k
-                parts.append(f"{name}={_show(d[k]) if k in d else UNSET}")
-            labels[ident] = " ".join(parts)
+    for router, dicts in by_router.items():
+        shown = [n for n, _ in NAMED if len({d[f"~{n}"] for d in dicts}) > 1]
+        subgroups: dict[tuple, list[dict]] = defaultdict(list)
+        for d in dicts:
+            subgroups[tuple(d[f"~{n}"] for n in shown)].append(d)
+        for names, members in subgroups.items():
+            varying = _varying(members)
+            tails = Counter(k.rsplit(".", 1)[-1] for k in varying)
+            for d in members:
+                parts = [router] + [f"{n}={_show(v)}" for n, v in zip(shown, names)]
+                for k in varying:
+                    name = k.rsplit(".", 1)[-1] if tails[k.rsplit(".", 1)[-1]] == 1 else k
+                    parts.append(f"{name}={_show(d[k]) if k in d else UNSET}")
+                labels[tuple(d.items())] = " ".join(parts)
     return labels
 
 

@@ -76,25 +76,31 @@ def test_lr_sweep_gives_one_row_per_lr_with_t_intervals(tmp_path, vision_debug_c
 
 
 def test_capacity_and_model_differences_make_rows_router_keys_do_not(tmp_path):
-    """MMoE and PLE at capacity factors 1 and 4 are four topk rows; expert_choice's own router keys
-    (it has no top_k) are explained by its name and do not lengthen its label."""
-    base = OmegaConf.to_container(compose("recsys", "debug=default", "+router=topk"), resolve=True)
-    ec = OmegaConf.to_container(compose("recsys", "debug=default", "+router=expert_choice"), resolve=True)
+    """The issue's MMoE and PLE at capacity factors 1 and 4 (real composed configs) are four topk rows
+    named by model and capacity, not one "topk, 4 seeds" row; expert_choice's own router keys are
+    explained by its name and the dense baseline's model by its router."""
     root = tmp_path / "runs"
     i = 0
     for model in ("mmoe", "ple"):
+        base = OmegaConf.to_container(compose("recsys", "debug=default", f"model={model}", "+router=topk"),
+                                      resolve=True)
         for cf in (1.0, 4.0):
             for seed in (0, 1):
-                cfg = _config(base, seed, **{"router.capacity_factor": cf, "model.gate.capacity_factor": cf,
-                                             "model_name": model})
-                cfg["model"]["_name_hint"] = model  # a model-level difference
-                _run(root, f"r{i}", cfg, router="topk", domain="recsys", metric="test_auc", test_auc=0.7 + 0.01 * i)
+                cfg = _config(base, seed, **{"router.capacity_factor": cf, "model.gate.capacity_factor": cf})
+                _run(root, f"r{i}", cfg, router="topk", model=model, domain="recsys", metric="test_auc",
+                     test_auc=0.7 + 0.01 * i)
                 i += 1
-    _run(root, "ec", _config(ec, 0), router="expert_choice", domain="recsys", metric="test_auc", test_auc=0.8)
-    labels = [r["configuration"] for r in _csv_of(root, tmp_path)]
-    assert sorted(labels) == ["expert_choice", "topk _name_hint=mmoe capacity_factor=1",
-                              "topk _name_hint=mmoe capacity_factor=4", "topk _name_hint=ple capacity_factor=1",
-                              "topk _name_hint=ple capacity_factor=4"]
+    ec = OmegaConf.to_container(compose("recsys", "debug=default", "+router=expert_choice"), resolve=True)
+    _run(root, "ec", _config(ec, 0), router="expert_choice", model="mmoe", domain="recsys", metric="test_auc",
+         test_auc=0.8)
+    dense = OmegaConf.to_container(compose("recsys", "debug=default", "model=shared_bottom"), resolve=True)
+    _run(root, "sb", _config(dense, 0), router="none", model="shared_bottom", domain="recsys", metric="test_auc",
+         test_auc=0.6)
+    rows = {r["configuration"]: r for r in _csv_of(root, tmp_path)}
+    assert sorted(rows) == ["expert_choice", "none", "topk model=mmoe capacity_factor=1",
+                            "topk model=mmoe capacity_factor=4", "topk model=ple capacity_factor=1",
+                            "topk model=ple capacity_factor=4"]
+    assert all(int(rows[k]["n"]) == 2 for k in rows if k.startswith("topk"))
 
 
 def _csv_of(root, tmp_path):
