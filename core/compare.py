@@ -371,6 +371,28 @@ def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
     return labels
 
 
+def configurations(runs: list[dict], drop: tuple[str, ...] = ()) -> list[tuple[str, list[dict]]]:
+    """``runs`` (from ``scan``) grouped into configurations as the tables group them, except that the
+    budget is part of the configuration (its keys join the label where they differ) and config keys
+    under ``drop`` are left out (a view that makes them columns); labelled, in first-seen order."""
+    follow_seed = seed_derived_keys(runs)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(kv for kv in _identity(r, follow_seed) if not _under(kv[0], drop)) + _budget(r)].append(r)
+    labels = _labels(groups)
+    return [(labels[ident], members) for ident, members in groups.items()]
+
+
+def per_seed(runs: list[dict], key: str) -> dict[str, float]:
+    """``{seed: value}`` of ``key`` over ``runs``, runs of one seed averaged (n = distinct seeds)."""
+    by_seed: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        v = r.get(key)
+        if r.get("status") != NA and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            by_seed[_seed_key(r)].append(float(v))
+    return {s: statistics.fmean(v) for s, v in by_seed.items()}
+
+
 def _metric_keys(metric: str | None) -> list[str]:
     return ([metric] if metric else []) + [k for k, _, _ in COMMON]
 
@@ -410,13 +432,9 @@ def _table(domain, budget, main, metric, higher, runs, baseline, follow_seed=fro
         row.repeated = {s: c for s, c in seed_runs.items() if c > 1}
         row.not_applicable = all(r.get("status") == NA for r in members)
         for key in _metric_keys(metric):
-            by_seed: dict[str, list[float]] = defaultdict(list)
-            for r in members:
-                v = r.get(key)
-                if r.get("status") != NA and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    by_seed[_seed_key(r)].append(float(v))
-            if by_seed:
-                row.per_seed[key] = {s: statistics.fmean(v) for s, v in by_seed.items()}
+            values = per_seed(members, key)
+            if values:
+                row.per_seed[key] = values
         rows.append(row)
     rows.sort(key=lambda r: (r.router != baseline, r.label))
     base = next((r for r in rows if r.router == baseline or r.label == baseline), None)
