@@ -3,8 +3,9 @@
 The default corpus is WordNet's glosses as shipped inside timm (``timm/data/_info/
 imagenet_synset_to_definition.txt``: 21,844 definitions, 1.7 MB of English), optionally prefixed
 with their lemmas (``imagenet_synset_to_lemma.txt``). Any UTF-8 text file can be used instead. Text
-is tokenised byte-level (256 bytes + BOS/EOS/PAD) or with open_clip's BPE (``SimpleTokenizer``, the
-CLIP vocabulary of 49,408 tokens, shipped in the open_clip wheel), split contiguously into train and
+is tokenised byte-level (256 bytes + BOS/EOS/PAD), with open_clip's BPE (``SimpleTokenizer``, the
+CLIP vocabulary of 49,408 tokens, shipped in the open_clip wheel) or with a Hugging Face checkpoint's
+own tokenizer read from a local directory (``nlp.hf.HFTokenizer``), split contiguously into train and
 validation parts and cut into fixed-length blocks of ``seq_len + 1`` tokens (inputs and shifted
 targets).
 """
@@ -84,12 +85,17 @@ class BPETokenizer:
 
 
 def build_tokenizer(name: str):
-    """``"byte"`` (default) or ``"bpe"`` (open_clip's CLIP BPE)."""
+    """``"byte"`` (default), ``"bpe"`` (open_clip's CLIP BPE) or the path of a local Hugging Face
+    tokenizer directory (``nlp.hf.HFTokenizer``: ``AutoTokenizer``, local files only)."""
     if name == "byte":
         return ByteTokenizer()
     if name == "bpe":
         return BPETokenizer()
-    raise ValueError(f"tokenizer={name!r} is not allowed: use 'byte' or 'bpe'.")
+    if isinstance(name, (str, Path)) and str(name):
+        from nlp.hf import HFTokenizer  # imported lazily: transformers is only needed for this option
+
+        return HFTokenizer(name)
+    raise ValueError(f"tokenizer={name!r} is not allowed: use 'byte', 'bpe' or a Hugging Face tokenizer directory.")
 
 
 def _timm_info_file(name: str) -> Path:

@@ -3,13 +3,22 @@
     python -m nlp.generate checkpoint=outputs/nlp/<run> prompt="dog: a member of" max_new_tokens=200 seed=0
 
 ``checkpoint`` is a run directory of ``nlp.train`` (it holds ``config.yaml`` and
-``checkpoints/last.ckpt`` or the final weights ``model.pt``) or one of those files. Sampling uses temperature and top-k
-(``temperature=0`` is greedy) and is deterministic under a fixed ``seed``.
+``checkpoints/last.ckpt`` or the final weights ``model.pt``) or one of those files; the run's
+``data.tokenizer`` (byte, bpe or a Hugging Face tokenizer directory) encodes the prompt and decodes the
+text. Sampling uses temperature and top-k (``temperature=0`` is greedy) and is deterministic under a
+fixed ``seed``.
+
+A KV cache makes each new token cost one position (``cache=auto``, the default: whenever the routers
+route every token by itself alone; ``cache=true`` requires it, ``cache=false`` recomputes the whole
+context for every token). ``bench=true`` times both on the same prompt and prints tokens/s side by side:
+
+    python -m nlp.generate checkpoint=outputs/nlp/<run> prompt="dog: " max_new_tokens=200 bench=true
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,10 +28,11 @@ from core.engine import load_checkpoint
 from nlp.data import build_tokenizer
 from nlp.training import build_model
 
-__all__ = ["generate_text", "load_model", "main"]
+__all__ = ["bench_generation", "generate_text", "load_model", "main"]
 
 DEFAULTS = {"checkpoint": None, "prompt": "", "max_new_tokens": 200, "seed": 0, "temperature": 0.8,
-            "top_k": 40, "device": "cpu"}
+            "top_k": 40, "device": "cpu", "cache": "auto", "bench": "false", "repeats": 3}
+CACHE_CHOICES = {"auto": None, "true": True, "false": False}
 
 
 def _run_dir_and_file(checkpoint: str | Path) -> tuple[Path, Path]:
@@ -59,15 +69,54 @@ def load_model(checkpoint: str | Path, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
-def generate_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, seed: int = 0,
-                  temperature: float = 0.8, top_k: int | None = 40) -> str:
-    """The prompt followed by ``max_new_tokens`` sampled tokens, decoded."""
-    device = next(model.parameters()).device
+def _prompt_ids(model, tokenizer, prompt: str) -> torch.Tensor:
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.bos_token_id]
-    ids_BT = torch.tensor([ids], dtype=torch.long, device=device)
+    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+
+
+def generate_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, seed: int = 0,
+                  temperature: float = 0.8, top_k: int | None = 40, use_cache: bool | None = None) -> str:
+    """The prompt followed by ``max_new_tokens`` sampled tokens, decoded (``use_cache``: see
+    ``MoETransformerLM.generate``)."""
     gen = torch.Generator().manual_seed(int(seed))
-    out = model.generate(ids_BT, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    out = model.generate(_prompt_ids(model, tokenizer, prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                         generator=gen, use_cache=use_cache)
     return tokenizer.decode(out[0].tolist())
+
+
+def bench_generation(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, seed: int = 0,
+                     temperature: float = 0.8, top_k: int | None = 40, repeats: int = 3) -> dict:
+    """Generation speed without and with the KV cache on the same prompt and seed: the best of
+    ``repeats`` timings of each (after one short warm-up), as new tokens per second, and whether
+    both gave the same tokens. Returns ``{"no_cache": tok/s, "cache": tok/s or None, "speedup",
+    "same_tokens", "cache_problem"}``; prints them side by side."""
+    ids_BT = _prompt_ids(model, tokenizer, prompt)
+    why = model.kv_cache_problem()
+    modes = {"no_cache": False} if why is not None else {"no_cache": False, "cache": True}
+    rates, outs = {}, {}
+    for name, use_cache in modes.items():
+        model.generate(ids_BT, min(4, max_new_tokens), temperature=temperature, top_k=top_k,
+                       generator=torch.Generator().manual_seed(int(seed)), use_cache=use_cache)
+        best = float("inf")
+        for _ in range(max(1, int(repeats))):
+            gen = torch.Generator().manual_seed(int(seed))
+            start = time.perf_counter()
+            outs[name] = model.generate(ids_BT, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+                                        use_cache=use_cache)
+            best = min(best, time.perf_counter() - start)
+        rates[name] = (outs[name].shape[1] - ids_BT.shape[1]) / best
+    result = {"no_cache": rates["no_cache"], "cache": rates.get("cache"), "cache_problem": why,
+              "speedup": rates["cache"] / rates["no_cache"] if "cache" in rates else None,
+              "same_tokens": bool(torch.equal(outs["no_cache"], outs["cache"])) if "cache" in outs else None}
+    print(f"{type(model).__name__}, {max_new_tokens} new tokens after a {ids_BT.shape[1]}-token prompt, batch 1, "
+          f"{ids_BT.device}, {torch.get_num_threads()} threads (best of {max(1, int(repeats))}):")
+    print(f"  without cache  {result['no_cache']:10.1f} tokens/s")
+    if why is not None:
+        print(f"  KV cache       not used: {why}")
+    else:
+        print(f"  KV cache       {result['cache']:10.1f} tokens/s   {result['speedup']:.2f}x, "
+              f"same tokens: {'yes' if result['same_tokens'] else 'NO'}")
+    return result
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -82,8 +131,18 @@ def parse_args(argv: list[str]) -> dict:
         args["max_new_tokens"], args["seed"] = int(args["max_new_tokens"]), int(args["seed"])
         args["temperature"] = float(args["temperature"])
         args["top_k"] = None if str(args["top_k"]).lower() in ("none", "null", "0") else int(args["top_k"])
+        args["repeats"] = int(args["repeats"])
     except ValueError as err:
-        raise ValueError(f"nlp.generate: {err}; max_new_tokens, seed and top_k are integers, temperature a number.") from err
+        raise ValueError(f"nlp.generate: {err}; max_new_tokens, seed, top_k and repeats are integers, temperature "
+                         "a number.") from err
+    if args["max_new_tokens"] < 0:
+        raise ValueError(f"max_new_tokens={args['max_new_tokens']} is not allowed: it must be >= 0.")
+    for key in ("cache", "bench"):
+        args[key] = str(args[key]).lower()
+    if args["cache"] not in CACHE_CHOICES:
+        raise ValueError(f"cache={args['cache']!r} is not allowed: use auto, true or false.")
+    if args["bench"] not in ("true", "false"):
+        raise ValueError(f"bench={args['bench']!r} is not allowed: use true or false.")
     if not args["checkpoint"]:
         raise ValueError("checkpoint=... is required: a run directory of nlp.train or a checkpoint file.")
     return args
@@ -92,8 +151,10 @@ def parse_args(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     model, tokenizer = load_model(args["checkpoint"], args["device"])
-    text = generate_text(model, tokenizer, args["prompt"], args["max_new_tokens"], args["seed"],
-                         args["temperature"], args["top_k"])
+    sampling = (args["prompt"], args["max_new_tokens"], args["seed"], args["temperature"], args["top_k"])
+    if args["bench"] == "true":
+        bench_generation(model, tokenizer, *sampling, repeats=args["repeats"])
+    text = generate_text(model, tokenizer, *sampling, use_cache=CACHE_CHOICES[args["cache"]])
     print(text)
     return text
 

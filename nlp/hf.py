@@ -262,7 +262,17 @@ class HFCausalLM(nn.Module):
     _routed_parameters = staticmethod(MoETransformerLM._routed_parameters)
     expert_parameters = MoETransformerLM.expert_parameters
     active_parameters = MoETransformerLM.active_parameters
-    generate = MoETransformerLM.generate  # nlp.generate's sampling loop (no KV cache yet)
+    generate = MoETransformerLM.generate  # nlp.generate's sampling loop, with transformers' KV cache
+    kv_cache_problem = MoETransformerLM.kv_cache_problem
+    check_kv_cache = MoETransformerLM.check_kv_cache
+
+    def new_kv_cache(self):
+        """An empty ``transformers.DynamicCache`` for ``forward(ids, kv_cache=...)``; ``ValueError``
+        when a router would route one new token differently from the whole sequence."""
+        from transformers import DynamicCache
+
+        self.check_kv_cache()
+        return DynamicCache(config=self.config)
 
     def _check_causal_routing(self) -> None:
         if self.allow_noncausal_routing:
@@ -274,14 +284,19 @@ class HFCausalLM(nn.Module):
                     "see the future. Fix: use a causal router (mixtral, topk with capacity_factor=null, adamoe, "
                     "deepseek, ...), or set model.allow_noncausal_routing=true.")
 
-    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V); ``attention_mask`` (B, T), 1 = real token."""
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); ``attention_mask`` (B, T), 1 = real token.
+        ``kv_cache`` (from ``new_kv_cache``): the T tokens follow the cached ones and are appended."""
+        if kv_cache is not None and attention_mask_BT is not None:
+            raise ValueError("attention_mask is not supported with kv_cache: the cached decoder takes unpadded tokens.")
         mask_BT = None if attention_mask_BT is None else attention_mask_BT.to(torch.bool)
         blocks = [b for _, b in self.layer_blocks()]
         for b in blocks:
             b.mask_BT, b.token_ids_BT = mask_BT, input_ids_BT
         try:
-            out = self.hf(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+            out = self.hf(input_ids=input_ids_BT, attention_mask=attention_mask_BT, cache=kv_cache,
+                          use_cache=kv_cache is not None)
         finally:
             for b in blocks:
                 b.mask_BT = b.token_ids_BT = None
@@ -291,7 +306,7 @@ class HFCausalLM(nn.Module):
 def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int | None = None,
                router: Callable[..., Router] | None = None, vocab_size: int | None = None,
                max_seq_len: int | None = None, dtype: str = "float32", allow_noncausal_routing: bool = False,
-               **ignored) -> HFCausalLM:
+               save_hf: bool = True, **ignored) -> HFCausalLM:
     """Load a local Hugging Face causal LM with core MoE FFNs (see the module docstring).
 
     Args:
@@ -304,6 +319,7 @@ def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int 
         max_seq_len: the run's sequence length.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto`` (the checkpoint's).
         allow_noncausal_routing: accept a router that sees later tokens.
+        save_hf: not read here: ``nlp.train`` writes ``<run dir>/hf/`` at the end of a run when true.
         **ignored: the suite model's shape keys (``dim``, ``depth``, ``num_heads``... set by
             ``debug=default``): the checkpoint fixes the shape, so they are logged and not used.
 
@@ -395,6 +411,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The tokenizer's files into ``directory`` (next to a model ``save_hf`` wrote)."""
+        self._tok.save_pretrained(str(directory))
+
     def decode(self, ids) -> str:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -431,9 +451,17 @@ def validate_hf_model(cfg) -> int | None:
     config = read_hf_config(m.path)
     if d.tokenizer == "byte" and int(config.vocab_size) < BYTE_VOCAB:
         raise ConfigError("model.path", str(m.path), f"the checkpoint's vocabulary has {config.vocab_size} tokens, fewer "
-                          f"than the byte tokenizer's {BYTE_VOCAB} ids: use a checkpoint with vocab_size >= {BYTE_VOCAB}")
-    if not isinstance(m.get("upcycle"), bool):
-        raise ConfigError("model.upcycle", m.get("upcycle"), "use true or false")
+                          f"than the byte tokenizer's {BYTE_VOCAB} ids: use a checkpoint with vocab_size >= {BYTE_VOCAB} "
+                          "or data.tokenizer=<the checkpoint's tokenizer directory>")
+    if d.tokenizer not in ("byte", "bpe"):  # a tokenizer directory (nlp.training.check_tokenizer found its files)
+        n = HFTokenizer(d.tokenizer).vocab_size
+        if n > int(config.vocab_size):
+            raise ConfigError("data.tokenizer", str(d.tokenizer), f"its vocabulary has {n} tokens, more than the "
+                              f"embedding of {m.path} holds (vocab_size={config.vocab_size}): ids >= "
+                              f"{config.vocab_size} have no embedding; use the checkpoint's own tokenizer")
+    for key in ("upcycle", "save_hf"):
+        if not isinstance(m.get(key, False), bool):
+            raise ConfigError(f"model.{key}", m.get(key), "use true or false")
     check_int("model.num_experts", m.get("num_experts"), optional=True)
     E = _num_experts(config) if config.model_type in SUPPORTED_MOE else 0
     if E:

@@ -10,12 +10,19 @@ mask. A language model must not look at later tokens, so routers that are not ca
 choice, Soft MoE, Sinkhorn and sparsity-constrained plans, BPR, sentence-level gating...) are refused
 at construction unless ``allow_noncausal_routing=True``.
 
-Legend: B batch, T sequence length, D width, H heads, Hd head width, V vocabulary.
+Generation keeps the attention keys and values of the tokens decoded so far (``KVCache``), so a new
+token costs one position; this routes every new token in a group of its own, which gives the routing
+of the whole sequence only when each token is routed by itself alone (``incremental_routing_problem``).
+Other routers generate by recomputing the context for every token.
+
+Legend: B batch, T sequence length (P cached positions before it), D width, H heads, Hd head width,
+V vocabulary.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Callable, Sequence
 
@@ -32,9 +39,11 @@ from core.routers.topk import TopKRouter
 from core.surgery import moe_block_indices
 
 __all__ = [
-    "CausalSelfAttention", "DecoderBlock", "MoETransformerLM", "NonCausalRoutingError", "RotaryEmbedding",
-    "default_router",
+    "CausalSelfAttention", "DecoderBlock", "KVCache", "MoETransformerLM", "NonCausalRoutingError", "RotaryEmbedding",
+    "default_router", "incremental_routing_problem", "sample_next",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class NonCausalRoutingError(ValueError):
@@ -49,6 +58,74 @@ def default_router() -> Callable[..., Router]:
         TopKRouter, top_k=2, capacity_factor=None, noise_std=0.0, renormalize=True,
         importance_loss_weight=0.0, load_loss_weight=0.0, switch_loss_weight=0.001,
     )
+
+
+def incremental_routing_problem(routers: Sequence[Router]) -> str | None:
+    """Why routing one new token at a time (in a group of its own, as a KV-cached decoder does) would
+    differ from routing the whole sequence; None when every router routes a token by that token alone:
+    ``token_local``, not mixing tokens, and dropless (with a capacity, whether a token is dropped
+    depends on the tokens before it, even in a causal router)."""
+    for i, router in enumerate(routers):
+        name = type(router).__name__
+        if not router.token_local or router.mixes_tokens:
+            return f"router {name} (MoE layer {i}) routes a token by the other tokens of its group"
+        cf = getattr(router, "capacity_factor", None)
+        if cf is not None:
+            return (f"router {name} (MoE layer {i}) has capacity_factor={cf}: whether a token is dropped depends "
+                    "on the tokens routed before it in its group")
+    return None
+
+
+class LayerKV:
+    """One attention layer's keys and values, (B, H, P, Hd) each, for the P positions seen so far."""
+
+    def __init__(self):
+        self.k_BHPHd: torch.Tensor | None = None
+        self.v_BHPHd: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BHPHd is None else self.k_BHPHd.shape[-2]
+
+    def append(self, k_BHTHd: torch.Tensor, v_BHTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add T new positions; returns the keys and values of all P + T."""
+        if self.k_BHPHd is not None:
+            k_BHTHd = torch.cat([self.k_BHPHd, k_BHTHd], dim=-2)
+            v_BHTHd = torch.cat([self.v_BHPHd, v_BHTHd], dim=-2)
+        self.k_BHPHd, self.v_BHPHd = k_BHTHd, v_BHTHd
+        return k_BHTHd, v_BHTHd
+
+
+class KVCache:
+    """The keys and values of every attention layer of a ``MoETransformerLM`` for the tokens decoded so
+    far (``model(new_ids, kv_cache=cache)`` appends to it).
+
+    Args:
+        depth: number of blocks.
+    """
+
+    def __init__(self, depth: int):
+        self.layers = [LayerKV() for _ in range(depth)]
+
+    @property
+    def length(self) -> int:
+        """P, the positions cached."""
+        return self.layers[0].length
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token (B, 1): greedy at ``temperature`` 0, else sampled from the softmax of
+    ``logits / temperature`` restricted to the ``top_k`` largest (on the CPU, so that a seeded
+    ``generator`` gives the same tokens on every device)."""
+    if temperature == 0:
+        return logits_BV.argmax(-1, keepdim=True)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    probs = torch.softmax(logits_BV, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits_BV.device)
 
 
 class RotaryEmbedding(nn.Module):
@@ -70,9 +147,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_THd", angles_THd.cos(), persistent=False)
         self.register_buffer("sin_THd", angles_THd.sin(), persistent=False)
 
-    def forward(self, x_BHTHd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BHTHd: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate T positions starting at ``offset`` (the positions already cached)."""
         T = x_BHTHd.shape[-2]
-        cos, sin = self.cos_THd[:T].to(x_BHTHd.dtype), self.sin_THd[:T].to(x_BHTHd.dtype)
+        cos = self.cos_THd[offset:offset + T].to(x_BHTHd.dtype)
+        sin = self.sin_THd[offset:offset + T].to(x_BHTHd.dtype)
         x1, x2 = x_BHTHd.chunk(2, dim=-1)
         return x_BHTHd * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -100,13 +179,24 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None,
+                kv_cache: LayerKV | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With ``kv_cache`` (no ``mask_BT``) the T tokens follow the P
+        cached ones: they attend to all P + T, and their keys and values are appended."""
         B, T, D = x_BTD.shape
+        P = 0 if kv_cache is None else kv_cache.length
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, P), self.rotary(k, P)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
         drop = self.dropout if self.training else 0.0
-        if mask_BT is None:
+        if P and T == 1:  # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        elif P:  # SDPA's is_causal aligns the mask top-left; new query i sees keys up to P + i
+            allowed_TP = torch.ones(T, P + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_TP, dropout_p=drop)
+        elif mask_BT is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
             # causal and key-padding mask; the diagonal stays open so a padded query has a valid row
@@ -136,10 +226,11 @@ class DecoderBlock(nn.Module):
         return isinstance(self.ffn, MoE)
 
     def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None,
-                token_ids_BT: torch.Tensor | None = None, routing_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+                token_ids_BT: torch.Tensor | None = None, routing_mask_BT: torch.Tensor | None = None,
+                kv_cache: LayerKV | None = None) -> torch.Tensor:
         """``mask_BT`` masks attention keys (True = real token); ``routing_mask_BT`` (default
-        ``mask_BT``) keeps tokens out of routing."""
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask_BT)
+        ``mask_BT``) keeps tokens out of routing; ``kv_cache`` holds the attention's earlier positions."""
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask_BT, kv_cache)
         h_BTD = self.norm2(x_BTD)
         if self.is_moe:
             routing_mask_BT = mask_BT if routing_mask_BT is None else routing_mask_BT
@@ -352,9 +443,29 @@ class MoETransformerLM(nn.Module):
                 "model.allow_noncausal_routing=true to train it anyway (the run is labelled non-causal)."
             )
 
-    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). ``attention_mask`` (B, T), True = real token."""
+    def kv_cache_problem(self) -> str | None:
+        """Why generation cannot use a ``KVCache`` (see ``incremental_routing_problem``), or None."""
+        return incremental_routing_problem(self.routers())
+
+    def check_kv_cache(self) -> None:
+        """``ValueError`` saying why, when a KV cache would change the model's outputs."""
+        why = self.kv_cache_problem()
+        if why is not None:
+            raise ValueError(f"a KV cache would change this model's outputs: {why}, and a cached decoder routes each "
+                             "new token alone. Generate with use_cache=False (the context recomputed for every token).")
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for ``forward(ids, kv_cache=...)``; ``ValueError`` when the routing forbids it."""
+        self.check_kv_cache()
+        return KVCache(self.depth)
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). ``attention_mask`` (B, T), True = real token.
+        ``kv_cache`` (from ``new_kv_cache``): the T tokens follow the cached ones and are appended."""
         B, T = input_ids_BT.shape
+        if kv_cache is not None:
+            return self._forward_cached(input_ids_BT, attention_mask_BT, kv_cache)
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len}.")
         mask_BT = None if attention_mask_BT is None else attention_mask_BT.to(torch.bool)
@@ -379,6 +490,22 @@ class MoETransformerLM(nn.Module):
         for block in self.blocks:
             x_BTD = block(x_BTD, mask_BT, input_ids_BT, routing_mask_BT)
         return self.head(self.norm(x_BTD[:, :T_in]))
+
+    def _forward_cached(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None,
+                        kv_cache: KVCache) -> torch.Tensor:
+        # every router routes a token alone (new_kv_cache checked it): no padding to whole groups needed
+        if attention_mask_BT is not None:
+            raise ValueError("attention_mask is not supported with kv_cache: the cached decoder takes unpadded tokens.")
+        T, P = input_ids_BT.shape[1], kv_cache.length
+        if P + T > self.max_seq_len:
+            raise ValueError(f"{P} cached + {T} new positions exceed max_seq_len={self.max_seq_len}.")
+        x_BTD = self.tok_embed(input_ids_BT)
+        if self.pos_embed is not None:
+            x_BTD = x_BTD + self.pos_embed.weight[P:P + T]
+        x_BTD = self.drop(x_BTD)
+        for block, layer_kv in zip(self.blocks, kv_cache.layers):
+            x_BTD = block(x_BTD, None, input_ids_BT, None, kv_cache=layer_kv)
+        return self.head(self.norm(x_BTD))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -410,24 +537,37 @@ class MoETransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt (temperature / top-k sampling; greedy
-        at temperature 0). The context is cropped to the last ``max_seq_len`` tokens. Returns
-        (B, T + new)."""
+        at temperature 0). Returns (B, T + new).
+
+        ``use_cache``: None uses a KV cache (``new_kv_cache``: each new token costs one position) when
+        the routers allow it and otherwise recomputes the whole context for every token (logged); True
+        requires the cache (``ValueError`` naming the router that forbids it); False recomputes. Both
+        give the same tokens. Once the text outgrows ``max_seq_len`` the context is cropped to the last
+        ``max_seq_len`` tokens, whose positions then shift every step, so from there it is recomputed."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} is not allowed: it must be >= 0.")
-        ids = input_ids_BT
+        if use_cache not in (None, True, False):
+            raise ValueError(f"use_cache={use_cache!r} is not allowed: use True, False or None (when possible).")
+        why = self.kv_cache_problem()
+        if use_cache:
+            self.check_kv_cache()
+        if use_cache is None and why is not None:
+            log.info("generating without a KV cache (the context is recomputed for every token): %s", why)
+        cached = why is None and use_cache is not False
+        ids, cache = input_ids_BT, None
         for _ in range(max_new_tokens):
-            logits_BV = self(ids[:, -self.max_seq_len:])[:, -1].float()
-            if temperature == 0:
-                nxt = logits_BV.argmax(-1, keepdim=True)
+            if cached and ids.shape[1] <= self.max_seq_len:
+                if cache is None:  # the prompt, then one position per step
+                    cache = self.new_kv_cache()
+                    logits_BV = self(ids, kv_cache=cache)[:, -1].float()
+                else:
+                    logits_BV = self(ids[:, -1:], kv_cache=cache)[:, -1].float()
             else:
-                logits_BV = logits_BV / temperature
-                if top_k is not None and top_k < logits_BV.shape[-1]:
-                    kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
-                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-                probs = torch.softmax(logits_BV, -1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+                cached, cache = False, None
+                logits_BV = self(ids[:, -self.max_seq_len:])[:, -1].float()
+            nxt = sample_next(logits_BV, temperature, top_k, generator)
             ids = torch.cat([ids, nxt], dim=1)
             if eos_token_id is not None and bool((nxt == eos_token_id).all()):
                 break

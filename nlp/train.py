@@ -6,11 +6,17 @@ per token; after training, the routing analyses of ``nlp.analysis`` go to ``anal
 their scalars to ``metrics.json``. ``python -m nlp.train`` trains the tiny default (Mixtral-style
 top-2 in every block) on the WordNet glosses; ``+router=adamoe`` swaps the router,
 ``model.moe_layers=none`` gives the dense baseline, ``data.path=book.txt`` any UTF-8 text.
+
+A ``model=hf`` run (a Hugging Face checkpoint, ``nlp.hf``) also ends by writing ``<run dir>/hf/``, a
+directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads with the same logits (with the
+checkpoint's tokenizer when ``data.tokenizer`` names one), when its routers are ones transformers has
+(``model.save_hf=false`` skips it); otherwise the log says why, and the run keeps only ``model.pt``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import hydra
 from omegaconf import DictConfig
@@ -23,9 +29,11 @@ from core.runs import hydra_choice, run_dir
 from nlp.analysis import RoutingSnapshots, analyse_routing, analysis_summary, plain
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
-from nlp.training import build_model, lm_evaluate, lm_loss, validate_config
+from nlp.training import HF_TARGET, build_model, lm_evaluate, lm_loss, validate_config
 
-__all__ = ["LanguageModelTask", "build_model", "main"]
+__all__ = ["LanguageModelTask", "build_model", "main", "save_hf_dir"]
+
+log = logging.getLogger(__name__)
 
 
 class LanguageModelTask(Task):
@@ -59,7 +67,8 @@ class LanguageModelTask(Task):
         snap_steps = sorted({int(f * total) for f in (a.snapshot_fractions or []) if 0 <= f < 1})
         if a.enabled and model.moe_layers and snap_steps:
             callbacks.append(RoutingSnapshots(snap_steps, val_loader, a.max_batches, _output_dir(cfg)))
-        return TaskRun(model, train_loader, {"val": val_loader}, lm_loss, lm_evaluate, info, callbacks)
+        return TaskRun(model, train_loader, {"val": val_loader}, lm_loss, lm_evaluate, info, callbacks,
+                       state={"tokenizer": tokenizer})
 
     def router_label(self, name: str, model: MoETransformerLM) -> str:
         """`` (lora experts)`` for LoRA expert banks; `` (non-causal)`` when the routing sees later tokens."""
@@ -69,6 +78,8 @@ class LanguageModelTask(Task):
 
     def finish(self, cfg: DictConfig, task_run: TaskRun, metrics: dict) -> None:
         model, seq_len = task_run.model, cfg.data.seq_len
+        if cfg.model.get("_target_") == HF_TARGET and cfg.model.get("save_hf", True) and is_main_process():
+            save_hf_dir(model, _output_dir(cfg) / "hf", (task_run.state or {}).get("tokenizer"))
         layers = metrics.get("routing_layers") or {}
         names = [n for n, m in model.named_modules() if m in model.moe_modules()]
         if model.moe_layers and all(n in layers for n in names):
@@ -97,6 +108,23 @@ class LanguageModelTask(Task):
 
     def objective(self, metrics) -> float:
         return metrics["val_loss"]
+
+
+def save_hf_dir(model, directory, tokenizer=None):
+    """Write ``model`` as a Hugging Face directory (``nlp.hf.save_hf``) with the checkpoint tokenizer
+    (an ``nlp.hf.HFTokenizer``) beside it; returns the directory, or None after logging why
+    transformers cannot hold the model (the run's ``model.pt`` is then its only weights)."""
+    from nlp.hf import HFTokenizer, save_hf
+
+    try:
+        out = save_hf(model, directory)
+    except ValueError as err:
+        log.warning("no Hugging Face directory written: %s", err)
+        return None
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_pretrained(out)
+    log.info("Hugging Face directory written: %s (transformers.AutoModelForCausalLM.from_pretrained loads it)", out)
+    return out
 
 
 def _total_steps(trainer, steps_per_epoch: int) -> int:

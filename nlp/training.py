@@ -4,6 +4,7 @@ validation loss, perplexity and bits per token (used by ``nlp.train.LanguageMode
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import hydra
 import torch
@@ -17,7 +18,7 @@ from core.surgery import moe_block_indices
 from core.validate import check_router
 from nlp.models import MoETransformerLM
 
-__all__ = ["build_model", "lm_evaluate", "lm_loss", "validate_config"]
+__all__ = ["build_model", "check_tokenizer", "lm_evaluate", "lm_loss", "validate_config"]
 
 HF_TARGET = "nlp.hf.load_hf_lm"  # conf/nlp/model/hf.yaml: a Hugging Face checkpoint (nlp/hf.py)
 
@@ -74,6 +75,27 @@ def _check_text_file(path) -> None:
                               f"{err.reason}); convert it with iconv -t utf-8") from None
 
 
+# the files save_pretrained writes for a tokenizer (fast, SentencePiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def check_tokenizer(value) -> None:
+    """``data.tokenizer``: ``byte``, ``bpe`` or a local Hugging Face tokenizer directory holding one of
+    ``TOKENIZER_FILES`` (the files are read when the data is loaded; nothing is downloaded)."""
+    if value in ("byte", "bpe"):
+        return
+    use = "use byte, bpe or a local Hugging Face tokenizer directory (save_pretrained's tokenizer files)"
+    if not isinstance(value, str) or not value:
+        raise ConfigError("data.tokenizer", value, use)
+    p = Path(value).expanduser()
+    if not p.is_dir():
+        raise ConfigError("data.tokenizer", value, f"{use}; there is no directory at {p.resolve()}")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError("data.tokenizer", value, f"{p.resolve()} holds none of the tokenizer files "
+                          f"{', '.join(TOKENIZER_FILES)}: give the directory tokenizer.save_pretrained wrote")
+
+
 def validate_config(cfg: DictConfig) -> int | None:
     """Check ``cfg`` (``conf/nlp/train.yaml``) before the corpus is read: the model target and sizes, the
     router (with the MoE group size it will see), the text file and data sizes, the trainer; raises
@@ -87,7 +109,7 @@ def validate_config(cfg: DictConfig) -> int | None:
         raise ConfigError("data.path", "???", "give a UTF-8 text file, e.g. data.path=book.txt")
     if d.path is not None:
         _check_text_file(d.path)
-    check_choice("data.tokenizer", d.tokenizer, ("byte", "bpe"))
+    check_tokenizer(d.tokenizer)
     check_int("data.seq_len", d.seq_len)
     check_int("data.batch_size", d.batch_size)
     for key in ("eval_batch_size", "limit_train", "limit_eval"):

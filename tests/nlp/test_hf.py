@@ -209,6 +209,10 @@ def test_cli_trains_a_saved_mixtral_with_adamoe(tmp_path):
           f"val ppl {metrics['val_ppl']:.2f}")
     assert metrics["router"] == "adamoe" and metrics["num_experts"] == 4 and metrics["causal"]
     assert 0 < metrics["experts_per_token"] < 4
+    # transformers has no AdaMoE: no <run>/hf, and the log says why
+    assert not (tmp_path / "run" / "hf").exists() and (tmp_path / "run" / "model.pt").is_file()
+    assert "no Hugging Face directory written: cannot save in Hugging Face format: layer 0's router AdaMoERouter " \
+           "is not mixtral's router" in res.stdout + res.stderr
     model, tokenizer = load_model(tmp_path / "run")  # nlp.generate rebuilds it from config.yaml and model.pt
     assert isinstance(model.routers()[0], AdaMoERouter)
     text = generate_text(model, tokenizer, prompt="dog: ", max_new_tokens=5, seed=0)
@@ -293,16 +297,23 @@ def test_suite_models_of_another_form_are_refused(tmp_path):
         save_hf(_suite_mixtral(router=functools.partial(AdaMoERouter, num_null_experts=2, top_k=2)), tmp_path)
 
 
-def test_checkpoint_tokenizer_reads_local_files(tmp_path):
+def save_tiny_tokenizer(directory, vocab_size: int = 300):
+    """A byte-level BPE trained offline on a few sentences (<unk>=0, <s>=1, </s>=2), saved with
+    ``save_pretrained`` into ``directory``; returns the ``tokenizers.Tokenizer``."""
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the dog runs", "a cat sleeps on the mat"] * 20, trainer)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(str(tmp_path))
+                                         unk_token="<unk>").save_pretrained(str(directory))
+    return tok
+
+
+def test_checkpoint_tokenizer_reads_local_files(tmp_path):
+    tok = save_tiny_tokenizer(tmp_path)
     t = HFTokenizer(tmp_path)
     assert t.vocab_size == len(tok.get_vocab()) and t.eos_token_id == 2 and t.pad_token_id == 2
     ids = t.encode_corpus("the dog sleeps\n\na cat\n")
