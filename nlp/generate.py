@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> str:
     sampling = (args["prompt"], args["max_new_tokens"], args["seed"], args["temperature"], args["top_k"])
     if args["bench"] == "true":
         bench_generation(model, tokenizer, *sampling, repeats=args["repeats"])
+    elif args["cache"] == "auto" and model.kv_cache_problem() is not None:
+        print(f"no KV cache, the context is recomputed for every token: {model.kv_cache_problem()}", file=sys.stderr)
     text = generate_text(model, tokenizer, *sampling, use_cache=CACHE_CHOICES[args["cache"]])
     print(text)
     return text
