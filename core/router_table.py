@@ -36,11 +36,10 @@ def router_names(conf_dir: Path = CONF_DIR) -> list[str]:
 def build_router(name: str, dim: int, num_experts: int, conf_dir: Path = CONF_DIR) -> Router:
     """Compose ``conf/router/<name>.yaml`` as Hydra does (aliases with a defaults list included)."""
     import hydra
-    from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(overrides=[f"+router={name}"]).router
-    return hydra.utils.instantiate(cfg)(dim=dim, num_experts=num_experts)
+    from core.router_config import router_config
+
+    return hydra.utils.instantiate(router_config(name, conf_dir=conf_dir))(dim=dim, num_experts=num_experts)
 
 
 def infer_family(router: Router, routing: Routing) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 from core.lora_experts import LoRAExperts
 from core.memory import check_allocation
 from core.moe import MoE
+from core.router_config import router_factory
 from core.routers.base import Router, check_positive_int
 from core.routers.topk import TopKRouter
 from core.surgery import moe_block_indices
@@ -260,7 +261,8 @@ class MoETransformerLM(nn.Module):
         num_experts: E routed experts per MoE layer.
         num_shared_experts: always-on experts per MoE layer (DeepSeekMoE).
         router: ``router(dim=D, num_experts=E) -> Router`` (a Hydra partial; one router per MoE
-            layer), or None for Mixtral's top-2 (``default_router``).
+            layer), a ``conf/router`` name (``core.router_config``), or None for Mixtral's top-2
+            (``default_router``).
         moe_group_size: tokens per routing group; None routes each sequence as one group. Lory's
             segment routers (``segments_per_sequence``) get ``max_seq_len / segments_per_sequence``.
             Sequences are padded (masked) to whole groups, so groups never span two sequences.
@@ -299,7 +301,7 @@ class MoETransformerLM(nn.Module):
         moe_layers: str | Sequence[int] | None = "every_other",
         num_experts: int = 8,
         num_shared_experts: int = 0,
-        router: Callable[..., Router] | None = None,
+        router: Callable[..., Router] | str | None = None,
         moe_group_size: int | None = None,
         expert_type: str = "mlp",
         lora_rank: int = 8,
@@ -351,7 +353,7 @@ class MoETransformerLM(nn.Module):
         self.rope_base = float(rope_base)  # read when the model is written as a Hugging Face checkpoint (nlp.hf)
         hidden = int(round(dim * mlp_ratio))
         expert_hidden = int(round(dim * (expert_mlp_ratio if expert_mlp_ratio is not None else mlp_ratio)))
-        make_router = router if router is not None else default_router()
+        make_router = router_factory(router) if router is not None else default_router()
         if moe_group_size is not None:
             check_positive_int("moe_group_size", moe_group_size)
         self.moe_group_size, self.pad_multiple = moe_group_size, 1

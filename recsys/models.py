@@ -18,7 +18,8 @@ Every model is split into torchrec-style stages: ``SparseArch`` (a torchrec ``Em
 over a ``KeyedJaggedTensor``), ``DenseArch`` (MLP on the dense features), the expert/gate stage
 (``MultiGateMixture``, ``PLEArch``) and one ``TowerArch`` per task. Experts are the core stacked
 ``Experts``; each gate is a core ``Router`` built from a ``router(dim=..., num_experts=...)`` partial
-(the Hydra ``router`` config), with every example a token. The default gate is the papers' dense
+(the Hydra ``router`` config) or a ``conf/router`` name (``MMoE(..., gate="expert_choice")``,
+``core.router_config``), with every example a token. The default gate is the papers' dense
 softmax (``core.routers.dense.DenseRouter``).
 
 Routing groups. Some gates decide over a group of examples: expert choice lets each expert pick its
@@ -57,11 +58,12 @@ from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.experts import Experts
+from core.router_config import router_factory
 from core.routers.base import Router, check_applicable, check_positive_int
 from core.routers.dense import DenseRouter
 from core.routing import Routing
 
-RouterFactory = Callable[..., Router]
+RouterFactory = Callable[..., Router] | str  # a partial router(dim=D, num_experts=E) or a conf/router name
 
 
 def _mlp(in_size: int, layer_sizes: Sequence[int]) -> nn.Module:
@@ -233,7 +235,7 @@ class MultiGateMixture(nn.Module):
         out_features: O, expert output width.
         num_experts: E.
         gate_experts: for each gate, the expert indices it mixes.
-        gate: router partial ``gate(dim=D, num_experts=E_j)`` (None: dense softmax).
+        gate: router partial ``gate(dim=D, num_experts=E_j)`` or a ``conf/router`` name (None: dense softmax).
         expert_inputs: for each expert, the index of the input it reads (default all 0).
         gate_inputs: for each gate, the index of the input it reads (default all 0).
         act_layer: expert activation (ReLU, as in the papers).
@@ -260,6 +262,7 @@ class MultiGateMixture(nn.Module):
             raise ValueError(f"gate_inputs has {len(gate_inputs)} entries: it must have one per gate "
                              f"({len(gate_experts)}).")
         self.expert_inputs, self.gate_inputs = expert_inputs, gate_inputs
+        gate = router_factory(gate)  # a config name, once for every gate
         self.gates = nn.ModuleList()
         for j, idx in enumerate(gate_experts):
             idx = list(idx)
@@ -376,7 +379,7 @@ class PLEArch(nn.Module):
         num_shared_experts: shared experts per level.
         expert_hidden_features: expert hidden width.
         expert_out_features: expert output width (the input width of the next level and the towers).
-        gate: router partial for every gate (None: dense softmax).
+        gate: router partial or ``conf/router`` name for every gate (None: dense softmax).
         routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
 
@@ -546,7 +549,8 @@ class MMoE(MultiTaskModel):
         expert_hidden_features: expert hidden width (MMoE synthetic: 16).
         expert_out_features: expert output width, the towers' input.
         bottom_layer_sizes: optional shared MLP below the mixture (MMoE §6.4.1).
-        gate: router partial ``gate(dim=..., num_experts=...)`` for every gate (None: dense softmax).
+        gate: router partial ``gate(dim=..., num_experts=...)`` or ``conf/router`` name for every gate
+            (None: dense softmax).
         one_gate: OMoE.
         routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
@@ -585,7 +589,7 @@ class PLE(MultiTaskModel):
         num_task_experts: task-specific experts per task and level.
         num_shared_experts: shared experts per level.
         expert_hidden_features, expert_out_features: expert widths.
-        gate: router partial for every gate (None: dense softmax).
+        gate: router partial or ``conf/router`` name for every gate (None: dense softmax).
         routing_group_size: examples per routing group (``MultiGateMixture``; None: the batch).
     """
 

@@ -10,21 +10,28 @@ Registered with timm on ``import vision``::
 
     import timm, vision
     model = timm.create_model("vmoe_tiny_patch4_28", num_classes=10)             # V-MoE top-2
+    model = timm.create_model("vmoe_tiny_patch4_28", router="expert_choice")     # conf/router/expert_choice.yaml
+    model = timm.create_model("vmoe_tiny_patch4_28", router="topk", router_kwargs={"top_k": 1})
     model = timm.create_model("vmoe_tiny_patch4_28", router=partial(ExpertChoiceRouter))
     dense = timm.create_model("vmoe_tiny_patch4_28", moe=False)                   # the ViT baseline
+
+A router name is resolved as ``+router=<name>`` is in a run (``core.router_config``): Hydra composes
+``conf/router/<name>.yaml``, ``router_kwargs`` override its values, and ``router_search_path`` adds
+folders holding further ``router/*.yaml`` (as ``hydra.searchpath`` does).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from core.moe import MoE
-from core.routers.base import Router, check_applicable
+from core.router_config import RouterSpec, router_factory
+from core.routers.base import check_applicable
 from core.surgery import load_dense_state_dict, replace_mlps_with_moe
 
 __all__ = ["create_vmoe", "moe_layers", "vmoe_tiny_patch4_28", "vmoe_s_patch32_224", "vmoe_b_patch32_224",
@@ -69,7 +76,9 @@ def create_vmoe(
     *,
     moe: bool = True,
     num_experts: int = 32,
-    router: Callable[..., Router] | Router | None = None,
+    router: RouterSpec = None,
+    router_kwargs: Mapping[str, Any] | None = None,
+    router_search_path: Sequence[str | Path] = (),
     placement: str | Sequence[int] = "every_other",
     num_last: int | None = None,
     group_size: int | None = None,
@@ -85,8 +94,11 @@ def create_vmoe(
         pretrained: not available (no released V-MoE weights in timm); use ``upcycle_from``.
         moe: False builds the same ViT with dense MLPs (the baseline).
         num_experts: E per MoE layer.
-        router: router partial ``router(dim=D, num_experts=E)`` (a Hydra ``_partial_`` config) or a
-            shared ``Router``; None: V-MoE softmax top-2 (cf 1.05, noise 1/E, importance + load losses).
+        router: a router config name (``"expert_choice"``: ``conf/router/expert_choice.yaml``), a router
+            partial ``router(dim=D, num_experts=E)`` (a Hydra ``_partial_`` config) or a shared
+            ``Router``; None: V-MoE softmax top-2 (cf 1.05, noise 1/E, importance + load losses).
+        router_kwargs: arguments over the named config's values (or the partial's).
+        router_search_path: further config folders holding ``router/<name>.yaml`` (``hydra.searchpath``).
         placement: ``every_other`` (V-MoE), ``last_n``, ``last_half`` (Soft MoE), ``all`` or a list.
         num_last: n for ``last_n``.
         group_size: tokens per routing group (None: one image per group).
@@ -101,6 +113,7 @@ def create_vmoe(
                          "start from a dense ViT with upcycle_from=<state dict or model>.")
     for key in ("pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
+    router = router_factory(router, router_kwargs, search_path=router_search_path) if moe else None
     model = build_model_with_cfg(VisionTransformer, variant, pretrained=False, **kwargs)
     model.moe_blocks = []
     if moe:
