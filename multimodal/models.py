@@ -5,7 +5,9 @@ CLIP-MoE: an open_clip ``CLIP`` (two towers, built by ``open_clip.create_model``
 ``transformer.resblocks[i].mlp`` are replaced by core MoE layers after construction; sparse upcycling
 copies each dense MLP into every expert (Komatsuzaki et al., ICLR 2023; CLIP-MoE, Zhang et al.,
 EMNLP 2025, upcycles OpenAI CLIP this way before its multistage training). Text padding (token id 0)
-is kept out of routing and out of the load statistics.
+is kept out of routing and out of the load statistics. Both are also open_clip architectures: the
+``*-MoE`` model JSON carry the MoE settings, and ``open_clip.create_model("mm-clip-tiny-p4-32-MoE")``
+builds the model they describe (``multimodal.factory``).
 
 LIMoE (Mustafa et al., "Multimodal Contrastive Learning with LIMoE: the Language-Image Mixture of
 Experts", NeurIPS 2022): one shared transformer for image patches and text tokens, with
@@ -25,7 +27,7 @@ import copy
 import math
 import types
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import open_clip
 import torch
@@ -35,19 +37,12 @@ from torch import nn
 
 from core import losses
 from core.moe import MoE
-from core.routers.base import Router, check_applicable
+from core.router_config import RouterSpec, router_factory
+from core.routers.base import check_applicable
 from core.surgery import load_dense_state_dict, replace_mlps_with_moe
+from multimodal.factory import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401  (re-exported)
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MODALITIES = ("image", "text")
-
-
-def register_model_configs() -> list[str]:
-    """Register the JSON architectures of ``multimodal/model_configs`` with open_clip (once)."""
-    names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-    if not set(names) <= set(open_clip.list_models()):
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-    return names
 
 
 def _moe_block_weight_dtype(block: nn.Module) -> torch.dtype:
@@ -61,7 +56,7 @@ def convert_blocks(
     *,
     num_last: int | None = None,
     num_experts: int,
-    router: Callable[..., Router] | Router | None = None,
+    router: RouterSpec = None,
     upcycle: bool = False,
     group_size: int | None = None,
     num_shared_experts: int = 0,
@@ -75,13 +70,17 @@ def convert_blocks(
             list of block indices) or ``"none"``.
         num_last: n for ``last_n``.
         num_experts, router, upcycle, group_size, num_shared_experts, expert_impl: see ``MoE`` and
-            ``core.surgery.replace_mlps_with_moe``.
+            ``core.surgery.replace_mlps_with_moe`` (``router`` may also be a ``conf/router`` name).
     """
     if placement is None or placement == "none":
         return []
     if not isinstance(placement, str):
         placement = [int(i) for i in placement]
     blocks = transformer.resblocks
+    if any(isinstance(block.mlp, MoE) for block in blocks):
+        raise ValueError(f"transformer={type(transformer).__name__} is not allowed: its blocks already hold MoE "
+                         "layers (a *-MoE model config builds them); convert a dense model")
+    router = router_factory(router)
     indices = replace_mlps_with_moe(
         blocks, placement, num_experts=num_experts, router=router, num_last=num_last, upcycle=upcycle,
         group_size=group_size, num_shared_experts=num_shared_experts, expert_impl=expert_impl)
@@ -163,7 +162,9 @@ def convert_clip_to_moe(
     model: nn.Module,
     *,
     num_experts: int = 4,
-    router: Callable[..., Router] | Router | None = None,
+    router: RouterSpec = None,
+    router_kwargs: Mapping[str, Any] | None = None,
+    router_search_path: Sequence[str | Path] = (),
     vision_layers="every_other",
     text_layers="every_other",
     vision_num_last: int | None = None,
@@ -178,7 +179,10 @@ def convert_clip_to_moe(
     Args:
         model: an open_clip ``CLIP`` with ViT image tower and the built-in text tower.
         num_experts: E per MoE layer.
-        router: partial ``router(dim=D, num_experts=E)`` (one router per layer) or a shared ``Router``.
+        router: a ``conf/router`` config name (``core.router_config``), a partial
+            ``router(dim=D, num_experts=E)`` (one router per layer) or a shared ``Router``.
+        router_kwargs: arguments over the named config's values (or the partial's).
+        router_search_path: further config folders holding ``router/<name>.yaml`` (``hydra.searchpath``).
         vision_layers, text_layers: which blocks of each tower (``convert_blocks`` placements).
         vision_num_last, text_num_last: n for the ``last_n`` placement.
         upcycle: copy each dense MLP into all its experts (sparse upcycling).
@@ -191,6 +195,7 @@ def convert_clip_to_moe(
     if not hasattr(model, "token_embedding"):
         raise ValueError(f"model={type(model).__name__} is not a CLIP with the built-in text tower "
                          "(CustomTextCLIP / HF text towers are not supported).")
+    router = router_factory(router, router_kwargs, search_path=router_search_path)
     kw = dict(num_experts=num_experts, router=router, upcycle=upcycle, group_size=group_size,
               num_shared_experts=num_shared_experts, expert_impl=expert_impl)
     for layer in convert_blocks(model.visual.transformer, vision_layers, num_last=vision_num_last, **kw):
@@ -210,8 +215,10 @@ def create_clip_moe(
     model_name: str = "mm-clip-tiny-p4-32",
     *,
     num_experts: int = 4,
-    router: Callable[..., Router] | Router | None = None,
-    default_router: Callable[..., Router] | None = None,
+    router: RouterSpec = None,
+    default_router: RouterSpec = None,
+    router_kwargs: Mapping[str, Any] | None = None,
+    router_search_path: Sequence[str | Path] = (),
     vision_layers="every_other",
     text_layers="every_other",
     vision_num_last: int | None = None,
@@ -225,10 +232,14 @@ def create_clip_moe(
     """An open_clip CLIP built from its JSON, then converted to CLIP-MoE.
 
     Args:
-        model_name: open_clip architecture (MoE settings stay out of its JSON).
+        model_name: a dense open_clip architecture (a ``*-MoE`` JSON carries its own MoE settings:
+            ``open_clip.create_model`` builds it, ``multimodal.factory``).
         num_experts: E per MoE layer.
-        router: the router (``+router=...``); None falls back to ``default_router``.
+        router: the router (``+router=...``; a ``conf/router`` name, a partial or a ``Router``); None
+            falls back to ``default_router``.
         default_router: the model's own router when none is given (CLIP-MoE: top-2, renormalised).
+        router_kwargs: arguments over the router config's values (or the partial's).
+        router_search_path: further config folders holding ``router/<name>.yaml`` (``hydra.searchpath``).
         vision_layers, text_layers: placement (``convert_blocks``); ``none`` keeps a tower dense.
         vision_num_last, text_num_last: n for the ``last_n`` placement.
         upcycle: copy the (freshly initialised) dense MLPs into every expert.
@@ -240,6 +251,7 @@ def create_clip_moe(
     """
     model = convert_clip_to_moe(
         create_clip(model_name), num_experts=num_experts, router=router if router is not None else default_router,
+        router_kwargs=router_kwargs, router_search_path=router_search_path,
         vision_layers=vision_layers, text_layers=text_layers, vision_num_last=vision_num_last,
         text_num_last=text_num_last, upcycle=upcycle, group_size=group_size,
         num_shared_experts=num_shared_experts, expert_impl=expert_impl,
@@ -277,8 +289,11 @@ class LIMoE(nn.Module):
         pad_id: padding token id (kept out of attention keys of real tokens by the causal mask and out
             of routing by the MoE mask).
         num_experts: E per MoE layer.
-        router: partial ``router(dim=D, num_experts=E)``; None: ``default_router``.
+        router: a ``conf/router`` config name, a partial ``router(dim=D, num_experts=E)`` or a ``Router``;
+            None: ``default_router``.
         default_router: LIMoE's own router when none is given (top-1, batch priority).
+        router_kwargs: arguments over the router config's values (or the partial's).
+        router_search_path: further config folders holding ``router/<name>.yaml`` (``hydra.searchpath``).
         moe_layers: which blocks get an MoE MLP (``convert_blocks`` placements).
         moe_num_last: n for the ``last_n`` placement.
         group_size: tokens per routing group; None: the whole batch, both modalities, one group.
@@ -303,8 +318,10 @@ class LIMoE(nn.Module):
         mlp_ratio: float = 4.0,
         pad_id: int = 0,
         num_experts: int = 4,
-        router: Callable[..., Router] | Router | None = None,
-        default_router: Callable[..., Router] | None = None,
+        router: RouterSpec = None,
+        default_router: RouterSpec = None,
+        router_kwargs: Mapping[str, Any] | None = None,
+        router_search_path: Sequence[str | Path] = (),
         moe_layers="every_other",
         moe_num_last: int | None = None,
         group_size: int | None = None,
@@ -351,7 +368,8 @@ class LIMoE(nn.Module):
 
         converted = convert_blocks(
             self.transformer, moe_layers, num_last=moe_num_last, num_experts=num_experts,
-            router=router if router is not None else default_router, group_size=group_size,
+            router=router_factory(router if router is not None else default_router, router_kwargs,
+                                  search_path=router_search_path), group_size=group_size,
             num_shared_experts=num_shared_experts, expert_impl=expert_impl)
         for layer in converted:
             layer.keep_last_routing = True

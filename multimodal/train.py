@@ -17,7 +17,7 @@ import open_clip
 from omegaconf import DictConfig
 
 from core.checks import ConfigError
-from core.run import Task, TaskRun, run
+from core.run import Task, TaskRun, command_line, run
 from core.runs import hydra_choice
 from multimodal.data import build_data
 from multimodal.training import build_loaders, clip_loss, context_length, is_moe, make_evaluate, validate_config
@@ -34,8 +34,8 @@ class MultimodalTask(Task):
         return validate_config(cfg)
 
     def load_data(self, cfg: DictConfig):
-        """The pairs, tokenised for the model's context length, and the zero-shot class prompts
-        (C classes × T templates × L tokens)."""
+        """The pairs, tokenised for the model's context length, and the tokenizer (the zero-shot
+        classifier's prompts are tokenised when it is built)."""
         d = cfg.data
         tokenizer = open_clip.SimpleTokenizer(context_length=context_length(cfg.model))
         data = build_data(
@@ -43,21 +43,21 @@ class MultimodalTask(Task):
             val_sources=list(d.val_sources), limit_train=d.limit_train, limit_eval=d.limit_eval,
             fashion_mnist_train=d.fashion_mnist_train, zeroshot=d.zeroshot, root=d.root,
             openmoji_cache=d.get("openmoji_cache"), seed=int(cfg.seed))
-        prompts = tokenizer([t.format(c) for c in data.class_names for t in data.templates])
-        return data, prompts.view(len(data.class_names), len(data.templates), -1)
+        return data, tokenizer
 
     def build(self, cfg: DictConfig, data) -> TaskRun:
-        data, class_tokens = data
+        data, tokenizer = data
         model = hydra.utils.instantiate(cfg.model)  # its router key reads the run's router node
-        length = getattr(model, "context_length", class_tokens.shape[-1])
-        if length != class_tokens.shape[-1]:
+        length = getattr(model, "context_length", tokenizer.context_length)
+        if length != tokenizer.context_length:
             raise ConfigError("model", hydra_choice("model") or cfg.model.get("_target_"), f"its text context "
-                              f"length {length} must be {class_tokens.shape[-1]}, the one read from its config")
+                              f"length {length} must be {tokenizer.context_length}, the one read from its config")
         train_loader, eval_loaders = build_loaders(cfg, data, routing=is_moe(model))
         info = {"model": cfg.get("model_name") or hydra_choice("model") or "custom",
                 "dataset": "+".join(cfg.data.sources), "train_pairs": len(data.train), "val_pairs": len(data.val),
                 "zeroshot_images": 0 if data.zeroshot is None else len(data.zeroshot)}
-        return TaskRun(model, train_loader, eval_loaders, clip_loss, make_evaluate(class_tokens), info)
+        return TaskRun(model, train_loader, eval_loaders, clip_loss,
+                       make_evaluate(tokenizer, data.class_names, data.templates), info)
 
     def summary(self, metrics) -> list[str]:
         def fmt(key, scale=100.0, spec=".1f", unit="%"):
@@ -84,4 +84,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

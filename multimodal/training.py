@@ -2,13 +2,17 @@
 the loaders (``multimodal.train.MultimodalTask`` puts them together for ``core.run``).
 
 The loss is open_clip's ``ClipLoss`` (symmetric InfoNCE) plus the routers' auxiliary losses (the
-engine adds them; LIMoE's entropy terms sit on its routers). Evaluation, written to ``metrics.json``:
+engine adds them; LIMoE's entropy terms sit on its routers). Under torchrun it is built with the
+process group's rank and world size, ``local_loss=False, gather_with_grad=True``, as open_clip
+trains: every rank gathers the features of all ranks and contrasts each image with every caption of
+the global batch (global negatives); in one process it is the plain loss. Evaluation, written to
+``metrics.json``:
 
 - ``val_*``: held-out pairs (no image of them was trained on): contrastive loss over the whole
   held-out set, image→text and text→image recall@1/@5, expert usage per modality and the share of
   text (image) assignments that go to the most used expert (1/E balanced, 1.0 collapsed);
 - ``zeroshot_acc``: Fashion-MNIST test accuracy from class-name prompts (prompt-ensembled, Radford
-  et al., ICML 2021);
+  et al., ICML 2021), the classifier built by ``open_clip.build_zero_shot_classifier``;
 - ``mix_*`` (MoE models): routing by modality on held-out pairs of every training source in their
   training proportions (retrieval is not scored there: Fashion-MNIST captions repeat).
 
@@ -17,31 +21,48 @@ LIMoE runs also log the per-modality top-expert shares of every training batch t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
+from open_clip import build_zero_shot_classifier
 from open_clip.loss import ClipLoss
 
 from core.checks import (ConfigError, check_int, check_number, check_readable_dir, check_readable_file,
                          check_target)
+from core.distributed import env_world_size, get_rank, get_world_size
 from core.validate import check_router
 from multimodal.data import MultimodalData, labelled_loader, pair_loader
+from multimodal.factory import moe_model_names
 from multimodal.models import LIMoE, modality_usage, reset_modality_usage
 
-__all__ = ["build_loaders", "clip_loss", "context_length", "is_moe", "make_evaluate", "recall_at_k",
-           "validate_config"]
+__all__ = ["build_loaders", "clip_loss", "context_length", "contrastive_loss", "is_moe", "make_evaluate",
+           "recall_at_k", "validate_config"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 SOURCES = ("openmoji", "fashion_mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                        "t10k-labels-idx1-ubyte.gz")
 
-_clip_loss = ClipLoss()
+_local_clip_loss = ClipLoss()  # evaluation: every process scores the whole held-out set by itself
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_loss_of(rank: int, world_size: int) -> ClipLoss:
+    return ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)
+
+
+def contrastive_loss() -> ClipLoss:
+    """open_clip's ``ClipLoss`` for this process's group (read when called: the engine joins the group
+    after the task is built): global negatives over all ranks, gradients through the gathered
+    features (each rank's loss is the global one; the engine weights it by the rank's share of the
+    batch and sums the gradients, which gives the global loss's gradient)."""
+    return _clip_loss_of(get_rank(), get_world_size())
 
 
 def validate_config(cfg: DictConfig) -> int | None:
@@ -52,10 +73,15 @@ def validate_config(cfg: DictConfig) -> int | None:
     check_target("model._target_", m.get("_target_"), hint=": use model=<name> with a conf/multimodal/model config")
     if "model_name" in m:
         names = open_clip.list_models()
+        moe_names = moe_model_names()
+        local = sorted(n for n in names if n.startswith("mm-") and n not in moe_names)
         if m.model_name not in names:
-            local = sorted(n for n in names if n.startswith("mm-"))
             raise ConfigError("model.model_name", m.model_name,
                               f"use an open_clip architecture: this project's are {local}")
+        if m.model_name in moe_names:
+            raise ConfigError("model.model_name", m.model_name,
+                              f"a *-MoE config is for open_clip.create_model (its MoE settings are in its JSON); a "
+                              f"run takes a dense architecture {local} and model=clip_moe or model=limoe")
         size = (open_clip.get_model_config(m.model_name) or {}).get("vision_cfg", {}).get("image_size")
         if isinstance(size, int) and d.image_size != size:
             raise ConfigError("data.image_size", d.image_size, f"model.model_name={m.model_name} takes "
@@ -109,6 +135,10 @@ def validate_config(cfg: DictConfig) -> int | None:
         if m.get(key) is not None:
             _check_checkpoint(f"model.{key}", m[key])
     check_int("data.batch_size", d.batch_size, minimum=2)  # a contrastive batch needs negatives
+    world = env_world_size()
+    if world > 1 and d.batch_size % world:  # open_clip gathers equal-sized feature blocks from the ranks
+        raise ConfigError("data.batch_size", d.batch_size, f"under torchrun it must be a multiple of the "
+                          f"WORLD_SIZE={world} processes (the CLIP loss gathers equal shares of every batch)")
     check_int("data.eval_batch_size", d.eval_batch_size)
     for key in ("limit_train", "limit_eval", "fashion_mnist_train"):
         check_int(f"data.{key}", d.get(key), optional=True)
@@ -198,7 +228,7 @@ def clip_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         model.modality_choices_LME.zero_()
         logs.update({f"{m}_{k}": usage[f"{m}_{k}"] for m in ("image", "text")
                      for k in ("top_expert_share", "top_choice_share")})
-    return _clip_loss(image_features, text_features, logit_scale), logs
+    return contrastive_loss()(image_features, text_features, logit_scale), logs
 
 
 def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -208,10 +238,12 @@ def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
     return {f"r{k}": float((rank_N < k).float().mean()) for k in ks}
 
 
-def make_evaluate(class_tokens_CTL: torch.Tensor | None):
+def make_evaluate(tokenizer: Callable | None = None, class_names: Sequence[str] = (), templates: Sequence[str] = ()):
     """``evaluate(model, batches)`` for the engine: retrieval batches (``image``, ``text``) or
-    zero-shot batches (``image``, ``label``) against the class prompts ``class_tokens_CTL``
-    (C classes × T templates × L tokens)."""
+    zero-shot batches (``image``, ``label``) against the classifier ``open_clip.build_zero_shot_classifier``
+    makes of the class names in every template (``"a photo of a {}."``), tokenised by ``tokenizer``:
+    each class's prompt features averaged and normalised. All prompts are encoded in one batch, as
+    LIMoE routes a batch's tokens in one group."""
 
     @torch.no_grad()
     def evaluate(model, batches) -> dict:
@@ -231,18 +263,17 @@ def make_evaluate(class_tokens_CTL: torch.Tensor | None):
             return {}
         image_features = torch.cat(img).float()
         if labels:
-            C, T, L = class_tokens_CTL.shape
             dev = image_features.device
-            text_CTE = model.encode_text(class_tokens_CTL.reshape(C * T, L).to(dev), normalize=True).view(C, T, -1)
-            classifier_CE = F.normalize(text_CTE.float().mean(1), dim=-1)
-            pred = (image_features @ classifier_CE.T).argmax(-1)
+            classifier_EC = build_zero_shot_classifier(model, tokenizer, list(class_names), list(templates),
+                                                       num_classes_per_batch=None, device=dev)
+            pred = (image_features @ classifier_EC.float()).argmax(-1)
             return {"acc": float((pred == torch.cat(labels).to(dev)).float().mean())}
         out = {}
         if not routing_only:
             text_features = torch.cat(txt).float()
             scale = model.logit_scale.exp().clamp(max=100.0)
             sim = image_features @ text_features.T
-            out["loss"] = float(_clip_loss(image_features, text_features, scale))
+            out["loss"] = float(_local_clip_loss(image_features, text_features, scale))
             out.update({f"i2t_{k}": v for k, v in recall_at_k(sim).items()})
             out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.T).items()})
         if is_moe(model):
