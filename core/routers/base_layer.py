@@ -46,6 +46,16 @@ def balanced_assignment(affinity_SE: torch.Tensor, capacity: int) -> torch.Tenso
     return torch.from_numpy(expert_S).to(affinity_SE.device)
 
 
+def sigmoid_top1(expert_GS: torch.Tensor, logits_GSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The assignments of a one-expert-per-token routing (``expert_GS`` −1 where a token has none)
+    as ``(token_N, expert_N, gate_N)`` with the gate ``σ(z_{s,a(s)})`` of BASE and S-BASE."""
+    E = logits_GSE.shape[-1]
+    expert_T = expert_GS.reshape(-1)
+    token_N = torch.nonzero(expert_T >= 0).squeeze(1)
+    expert_N = expert_T[token_N]
+    return token_N, expert_N, torch.sigmoid(logits_GSE.reshape(-1, E)[token_N, expert_N])
+
+
 class BaseLayerRouter(Router):
     """Balanced assignment in training, greedy top-1 at evaluation, sigmoid input/expert mix.
 
@@ -87,10 +97,7 @@ class BaseLayerRouter(Router):
             expert_GS = affinity_GSE.argmax(-1)
             if mask_GS is not None:
                 expert_GS = expert_GS.masked_fill(~mask_GS, -1)
-        expert_T = expert_GS.reshape(-1)
-        token_N = torch.nonzero(expert_T >= 0).squeeze(1)
-        expert_N = expert_T[token_N]
-        gate_N = torch.sigmoid(affinity_GSE.reshape(G * S, E)[token_N, expert_N])
+        token_N, expert_N, gate_N = sigmoid_top1(expert_GS, affinity_GSE)
         residual_T = torch.zeros(G * S, device=x_GSD.device, dtype=gate_N.dtype).index_put(
             (token_N,), 1.0 - gate_N)
         self.aux_losses = {}
