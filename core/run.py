@@ -69,8 +69,9 @@ from core.validate import check_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_ERROR_EXIT", "NONFINITE_EXIT", "Task", "TaskRun", "check_config", "is_multirun", "prepare",
-           "router_label", "run", "summary", "task_class", "task_classes", "task_paths", "train", "with_default_router"]
+__all__ = ["CONFIG_ERROR_EXIT", "NONFINITE_EXIT", "Task", "TaskRun", "check_config", "command_line", "is_multirun",
+           "prepare", "router_label", "run", "summary", "task_class", "task_classes", "task_paths", "train",
+           "with_default_router"]
 
 CONFIG_ERROR_EXIT = 2   # the config or the data it names cannot work
 NONFINITE_EXIT = 1      # training failed: it diverged (NaN/inf loss) or a file of the run could not be written
@@ -453,3 +454,64 @@ def run(cfg: DictConfig, task: Task) -> Any:
         return None
     print(summary({**metrics, "run_dir": prepared.trainer.out_dir.resolve()}, task), flush=True)
     return task.objective(metrics)
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's report of a command line it could not compose, as one line: an option that no config
+    group holds names the group's options; an override of a key the config lacks, or one that does not
+    parse, keeps Hydra's own words without the search path and node details."""
+    from hydra.errors import MissingConfigException
+
+    missing = getattr(err, "missing_cfg_file", None)
+    options = getattr(err, "options", None)
+    if isinstance(err, MissingConfigException) and missing and options and "/" in missing:
+        group, name = missing.rsplit("/", 1)
+        return (f"{group}={name} is not allowed: config group '{group}' has no option '{name}'; "
+                f"use one of {', '.join(options)}")
+    def lines(e: BaseException | None) -> list[str]:
+        kept = []
+        for line in str(e or "").splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if line not in ("", "^") and not line.startswith(("full_key:", "object_type", "reference_type")):
+                kept.append(line)
+        return kept
+
+    message = " ".join(lines(err)) or type(err).__name__
+    override = getattr(err, "override", None)
+    if override and override not in message:
+        message = f"cannot parse the override {override!r}: {message}"
+    cause = " ".join(lines(err.__cause__))
+    return f"{message} ({cause})" if cause and cause not in message else message
+
+
+def command_line(main: Callable[[], Any]) -> None:
+    """Run a domain's ``@hydra.main`` function as the command line does, with Hydra's own errors before
+    the run (composing the config from the overrides) answered like the suite's: one line,
+    ``error: ...``, exit status 2. ``HYDRA_FULL_ERROR=1`` keeps Hydra's report."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    report = hydra_utils.run_and_report
+
+    def one_line(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except (ConfigCompositionException, OverrideParseException) as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {hydra_error_line(err)}", file=sys.stderr, flush=True)
+            sys.exit(CONFIG_ERROR_EXIT)
+        except Exception as err:  # Hydra's own report: the traceback of a bug, without Hydra's frames
+            return report(functools.partial(_raise, err))
+
+    hydra_utils.run_and_report = one_line
+    try:
+        main()
+    finally:
+        hydra_utils.run_and_report = report
+
+
+def _raise(err: BaseException) -> None:
+    raise err

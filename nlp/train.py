@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from core.distributed import is_main_process
 from core.engine import TensorLoader
 from core.lora_experts import LoRAExperts
-from core.run import Task, TaskRun, run
+from core.run import Task, TaskRun, command_line, run
 from core.runs import hydra_choice, run_dir
 from nlp.analysis import RoutingSnapshots, analyse_routing, analysis_summary, plain
 from nlp.data import build_datasets
@@ -142,4 +142,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from core.engine import TrainerConfig
-from core.run import Task, TaskRun, run
+from core.run import Task, TaskRun, command_line, run
 from core.runs import hydra_choice
 from recsys.data import MultiTaskDataset, make_loader
 from recsys.models import GateError
@@ -103,4 +103,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -1,7 +1,7 @@
 """Bad inputs on the real command line, one row each: ``python tests/bad_inputs_table.py [-j N] [filter]``.
 
 Runs ``python -m <domain>.train debug=default <bad input> hydra.run.dir=/tmp/bad/<n>`` for every case
-below and prints a Markdown table ``| domain | input | exit | message |``: the exit status and the
+below, then the Python API's cases (``API_CASES``) in this process, and prints a Markdown table ``| domain | input | exit | message |``: the exit status and the
 first line of stderr (truncated). A row whose message starts with ``TRACEBACK`` (an uncaught
 exception), ``NO ERROR`` (exit 0: the input was silently accepted) or ``NOT ONE LINE`` (more than one
 stderr line) needs a fix. Not collected by pytest (no ``test_`` prefix); a run takes minutes (each
@@ -160,6 +160,72 @@ CASES: list[tuple[str, list[str]]] = [
 ]
 
 
+# Bad inputs of the Python API, run in this process: (what is called, the expression; `x` is a (2, 4, 16)
+# batch, `layer` an MoE(16, 32, num_experts=4) with the default router). A row gives the exception's
+# first line, or the documented result the expression evaluates to.
+API_CASES: list[tuple[str, str]] = [
+    ("MoE on an empty batch", "tuple(layer(torch.randn(0, 4, 16)).shape)"),
+    ("MoE on sequences of no tokens", "tuple(layer(torch.randn(2, 0, 16)).shape)"),
+    ("MoE with every token masked", "layer(x, mask=torch.zeros(2, 4, dtype=torch.bool)).abs().max().item()"),
+    ("MoE on integer x", "layer(torch.ones(2, 4, 16, dtype=torch.long))"),
+    ("MoE on x of the wrong width", "layer(torch.randn(2, 4, 17))"),
+    ("MoE on a scalar", "layer(torch.tensor(1.0))"),
+    ("MoE on a list", "layer([[0.0] * 16])"),
+    ("MoE on NaN input (documented: NaN stays in the output)",
+     "layer(torch.full((2, 4, 16), float('nan'))).isnan().any().item()"),
+    ("MoE mask of the wrong shape", "layer(x, mask=torch.ones(2, 5, dtype=torch.bool))"),
+    ("MoE float mask", "layer(x, mask=torch.ones(2, 4))"),
+    ("MoE token ids of the wrong shape", "layer(x, token_ids=torch.ones(2, 5, dtype=torch.long))"),
+    ("MoE float token ids", "layer(x, token_ids=torch.ones(2, 4))"),
+    ("MoE(num_experts=0)", "MoE(16, 32, num_experts=0)"),
+    ("MoE(num_experts=10**9)", "MoE(16, 32, num_experts=10**9)"),
+    ("MoE(in_features=-1)", "MoE(-1, 32, num_experts=4)"),
+    ("shared router of another E", "MoE(16, 32, num_experts=8, router=TopKRouter(dim=16, num_experts=4))"),
+    ("shared router of another width", "MoE(16, 32, num_experts=4, router=TopKRouter(dim=8, num_experts=4))"),
+    ("router factory that is no router", "MoE(16, 32, num_experts=4, router=lambda dim, num_experts: "
+     "torch.nn.Linear(dim, num_experts))"),
+    ("TopKRouter(top_k=0)", "TopKRouter(dim=16, num_experts=4, top_k=0)"),
+    ("TopKRouter(top_k=5) with 4 experts", "TopKRouter(dim=16, num_experts=4, top_k=5)"),
+    ("TopKRouter(capacity_factor=inf)", "TopKRouter(dim=16, num_experts=4, capacity_factor=float('inf'))"),
+    ("TopKRouter(noise_std=nan)", "TopKRouter(dim=16, num_experts=4, noise_std=float('nan'))"),
+    ("ExpertChoiceRouter(capacity_factor=-1)", "ExpertChoiceRouter(dim=16, num_experts=4, capacity_factor=-1)"),
+    ("router on a 2-D input", "TopKRouter(dim=16, num_experts=4)(torch.randn(8, 16))"),
+    ("router mask of the wrong shape", "TopKRouter(dim=16, num_experts=4)(x, torch.ones(2, 5, dtype=torch.bool))"),
+    ("hash router without token ids", "HashRouter(dim=16, num_experts=4)(x)"),
+    ("routing_stats before any forward", "routing_stats(torch.nn.Sequential(layer))"),
+    ("aux loss after only masked tokens", "(layer.train()(x, mask=torch.zeros(2, 4, dtype=torch.bool)), "
+     "collect_aux_loss(layer).item())[1]"),
+]
+
+
+def run_api_case(expression: str) -> tuple[str, str]:
+    """(the exception's type or ``result``, its first line or the value) of one API case."""
+    if str(REPO) not in sys.path:  # run as a script, ``tests/`` comes first and its ``core`` would shadow ours
+        sys.path.insert(0, str(REPO))
+    import torch
+
+    from core import collect_aux_loss, routing_stats
+    from core.moe import MoE
+    from core.routers.expert_choice import ExpertChoiceRouter
+    from core.routers.hash import HashRouter
+    from core.routers.topk import TopKRouter
+
+    torch.manual_seed(0)
+    scope = dict(torch=torch, MoE=MoE, TopKRouter=TopKRouter, ExpertChoiceRouter=ExpertChoiceRouter,
+                 HashRouter=HashRouter, routing_stats=routing_stats, collect_aux_loss=collect_aux_loss,
+                 x=torch.randn(2, 4, 16), layer=MoE(16, 32, num_experts=4))
+    try:
+        value = eval(expression, scope)
+    except Exception as err:  # the row shows what a user would see
+        if not isinstance(err, ValueError):
+            return type(err).__name__, f"TRACEBACK: {type(err).__name__}: {err}"
+        lines = str(err).strip().splitlines()
+        return type(err).__name__, lines[0] if len(lines) == 1 else f"NOT ONE LINE ({len(lines)}): {lines[0]}"
+    if isinstance(value, torch.Tensor):
+        return "result", f"a tensor of shape {tuple(value.shape)}"
+    return "result", repr(value)
+
+
 def _fixtures() -> dict[str, str]:
     shutil.rmtree(FIX, ignore_errors=True)
     FIX.mkdir(parents=True)
@@ -222,6 +288,8 @@ def main() -> int:
     opts = parser.parse_args()
     fixtures = _fixtures()
     cases = [(n, d, a) for n, (d, a) in enumerate(CASES, 1) if opts.filter in d or opts.filter in " ".join(a)]
+    if opts.filter == "api":
+        cases = []
     with concurrent.futures.ThreadPoolExecutor(opts.jobs) as pool:
         rows = sorted(pool.map(lambda c: run_case(*c, fixtures), cases))
     print("| # | domain | input | exit | message |")
@@ -231,6 +299,13 @@ def main() -> int:
         shown = " ".join(a.replace(str(FIX) + "/", "<fixtures>/") for a in args)
         print(f"| {n} | {domain} | `{_cell(shown, 80)}` | {code} | {_cell(message)} |")
         bad += message.startswith(("TRACEBACK", "NO ERROR", "NOT ONE LINE", "NO MESSAGE", "TIMEOUT"))
+    for n, (label, expression) in enumerate(API_CASES, len(CASES) + 1):
+        if opts.filter and opts.filter not in ("api", label):
+            continue
+        outcome, message = run_api_case(expression)
+        print(f"| {n} | api | {_cell(label, 80)}: `{_cell(expression, 80)}` | {outcome} | {_cell(message)} |")
+        bad += message.startswith(("TRACEBACK", "NOT ONE LINE"))
+        rows.append((n,))
     print(f"\n{len(rows)} inputs, {bad} without one clear line", file=sys.stderr)
     return 0
 

@@ -405,3 +405,44 @@ def test_a_misspelled_added_key_is_one_line_exit_2_on_the_command_line(tmp_path)
     res = _cli("vision.train", "debug=default", "+data.limt_train=5", tmp_path=tmp_path)
     line = _one_line(res, core.run.CONFIG_ERROR_EXIT)
     assert line == "error: data.limt_train=5 is not allowed: there is no such key; did you mean data.limit_train?", line
+
+
+# ---- what Hydra refuses while composing, and what only the data or the file system can tell ------
+
+@pytest.mark.parametrize("override, message", [
+    ("+router=nope", "error: router=nope is not allowed: config group 'router' has no option 'nope'; use one of "),
+    ("model=nope", "error: model=nope is not allowed: config group 'model' has no option 'nope'; use one of "),
+    ("threads=0", "error: Could not override 'threads'. To append to your config use +threads=0"),
+    ("trainer.lr=[1", "error: cannot parse the override 'trainer.lr=[1': "),
+])
+def test_what_hydra_cannot_compose_is_one_line_exit_2(tmp_path, override, message):
+    res = _cli("vision.train", "debug=default", override, tmp_path=tmp_path)
+    line = _one_line(res, core.run.CONFIG_ERROR_EXIT)
+    assert line.startswith(message), line
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1, res.stderr
+    if override == "+router=nope":
+        assert "expert_choice" in line and "topk" in line  # the options, on the same line
+    assert not (tmp_path / "run").exists()
+
+
+def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    res = subprocess.run([sys.executable, "-m", "vision.train", "debug=default", "+router=nope"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "MissingConfigException" in res.stderr
+
+
+def test_an_unwritable_output_dir_is_one_line_naming_the_key(tmp_path):
+    res = _cli("vision.train", "debug=default", "output_dir=/proc/no/run", tmp_path=tmp_path)
+    line = _one_line(res, core.run.CONFIG_ERROR_EXIT)
+    assert line.startswith("error: output_dir='/proc/no/run' is not allowed: the run directory cannot be created"), line
+
+
+def test_an_unreadable_image_names_the_file_and_data_root(tmp_path):
+    from vision.data import load_imagefolder
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ConfigError, match=r"data.root=.* is not allowed: .*/train/cat/a.jpg is not an image that PIL"):
+        load_imagefolder(tmp_path, 8)

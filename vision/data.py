@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from core.checks import ConfigError
+
 from core.engine import TensorLoader
 
 log = logging.getLogger(__name__)
@@ -149,8 +151,17 @@ def load_imagefolder(root: str | Path, img_size: int, train_dir: str = "train", 
     tf = transforms.Compose([transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.PILToTensor()])
 
     def load(sub):
+        from PIL import UnidentifiedImageError
+
         ds = ImageFolder(str(root / sub), transform=tf)
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        items = []
+        for i, (path, _) in enumerate(ds.samples):
+            try:
+                items.append(ds[i])
+            except (UnidentifiedImageError, OSError) as err:
+                raise ConfigError("data.root", str(root), f"{path} is not an image that PIL can read "
+                                  f"({type(err).__name__}); remove or convert it") from None
+        xs, ys = zip(*items)
         return torch.stack(xs), torch.tensor(ys).long(), ds.classes
 
     trx, tr_y, classes = load(train_dir)

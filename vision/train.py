@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from core.run import Task, TaskRun, run
+from core.run import Task, TaskRun, command_line, run
 from vision.data import build_loaders, load_dataset
 from vision.training import build_model, classification_loss, evaluate_classifier, validate_config
 
@@ -49,4 +49,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)
