@@ -94,6 +94,22 @@ def test_group_dependent_routers_are_refused_the_cache(name):
         assert (forced - model(ids)).abs().max().item() > 1e-3
 
 
+def test_every_router_generates_alike_with_and_without_the_cache(router_name, make_router):
+    """Every conf/router/*.yaml: where the cache is allowed, the cached logits are the whole
+    sequence's; where it is not, the default generates the tokens of use_cache=False."""
+    model = tiny_lm(make_router(router_name), allow_noncausal_routing=True).eval()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    if model.kv_cache_problem() is None:
+        with torch.no_grad():
+            diff = (_cached_logits(model, ids) - model(ids)).abs().max().item()
+        assert diff < TOL, f"{router_name}: cached logits differ by {diff:.3e}"
+    else:
+        with pytest.raises(ValueError, match="a KV cache would change this model's outputs"):
+            model.new_kv_cache()
+    assert torch.equal(model.generate(ids[:, :4], 8, temperature=0),
+                       model.generate(ids[:, :4], 8, temperature=0, use_cache=False))
+
+
 def test_incremental_routing_problem_reads_the_router_facts():
     assert incremental_routing_problem([TopKRouter(8, 4, top_k=2, capacity_factor=None)]) is None
     assert incremental_routing_problem([HashRouter(8, 4)]) is None
