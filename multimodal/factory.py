@@ -15,7 +15,8 @@ add a ``moe_cfg`` object with the MoE settings, e.g. ``mm-clip-tiny-p4-32-MoE.js
 - ``arch: limoe``: a ``multimodal.models.LIMoE`` (one shared transformer; Mustafa et al., NeurIPS
   2022) whose sizes come from the JSON (``vision_cfg`` and ``text_cfg`` must agree on width, depth
   and heads: the transformer is shared); the other keys are LIMoE's (``moe_layers``,
-  ``local_entropy_weight``, ...).
+  ``local_entropy_weight``, ...). Its ``visual`` holds only what open_clip's transforms read
+  (``ImagePreprocessing``), so ``create_model_and_transforms`` works too.
 
 Where the hook sits: open_clip passes the top-level keys of a model config (and the keyword
 arguments of ``create_model``) to its model class, ``CLIP(**cfg, cast_dtype=...)``, while the
@@ -44,7 +45,7 @@ import open_clip
 import open_clip.factory
 from torch import nn
 
-__all__ = ["MODEL_CONFIG_DIR", "build_open_clip_model", "moe_model_names", "register_model_configs"]
+__all__ = ["MODEL_CONFIG_DIR", "ImagePreprocessing", "build_open_clip_model", "moe_model_names", "register_model_configs"]
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 ARCHES = ("clip_moe", "limoe")
@@ -100,8 +101,20 @@ def build_open_clip_model(*, moe_cfg: dict | None = None, **model_cfg: Any) -> n
     if arch == "limoe":
         sizes = _limoe_sizes(**model_cfg)
         _check_keys(moe_cfg, _keywords(models.LIMoE.__init__, skip=("self", *_LIMOE_SIZES)), arch)
-        return models.create_limoe(**sizes, **moe_cfg)
+        model = models.create_limoe(**sizes, **moe_cfg)
+        model.visual = ImagePreprocessing(sizes["image_size"])
+        return model
     raise ValueError(f"moe_cfg.arch={arch!r} is not allowed: use one of {list(ARCHES)}")
+
+
+class ImagePreprocessing:
+    """What open_clip reads off ``model.visual`` besides the tower: the input ``image_size`` (the
+    transforms' size) and the ``preprocess_cfg`` it sets. A LIMoE has no image tower of its own (its
+    transformer is shared), so the open_clip-built one carries this in its place; not a module, it
+    holds no weights."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
 
 
 def _limoe_sizes(embed_dim: int, vision_cfg: dict, text_cfg: dict, quick_gelu: bool = False,

@@ -86,6 +86,17 @@ def test_create_model_builds_limoe_from_its_json():
     assert img.shape == txt.shape == (len(CAPTIONS), 32)
 
 
+@pytest.mark.parametrize("name", [CLIP_MOE, LIMOE])
+def test_create_model_and_transforms_sizes_the_images_for_the_model(name):
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    assert _moe(model)
+    from PIL import Image
+
+    image = preprocess(Image.new("RGB", (40, 30)))
+    assert image.shape == (3, 16, 16)
+    assert model.state_dict().keys() == open_clip.create_model(name).state_dict().keys()
+
+
 def test_pretrained_checkpoint_loads_into_the_moe_model(tmp_path):
     torch.manual_seed(1)
     trained = open_clip.create_model(CLIP_MOE)
