@@ -7,9 +7,11 @@ Locality. Under expert parallelism over R ranks, rank r hosts the contiguous blo
 them never crosses the network. Here:
 
 - with ``torch.distributed`` initialised on W > 1 ranks, R = W and every token is on this rank;
-- otherwise (one process) R = ``num_ranks`` and routing group g is taken to live on rank
-  ``g mod R`` (groups are images, sequences or examples, so a batch is spread over R simulated
-  ranks); ``local_GE`` of the returned routing's extras says which experts were local to each group.
+- otherwise (one process) R = ``num_ranks`` simulated ranks, and the token at position s of its
+  routing group is taken to live on rank ``s mod R``. The position, not the group's index in the
+  batch, so that a token's home rank (and its routing) does not change with the batch size or
+  the group's place in the batch; ``local_SE`` in the routing's extras says which experts are local
+  to each position.
 
 Routing, for token s with ``p = softmax(x W + ε)`` (gate W orthogonally initialised, as the paper's
 orthogonal gating weights; ε the V-MoE training noise, 0 by default):
@@ -31,7 +33,7 @@ incomplete beta function; A_2(δ) = δ/π, A_3(δ) = (1 − cos δ)/2), so the c
 at least ``C_min = ⌈T · A_D(δ)⌉`` for T tokens (``capacity_lower_bound``). Routing extras carry δ of
 each forward (``max_angle``); the bound itself is computed on the host.
 
-Token-local and causal when dropless (the default); the local experts depend on the token's group.
+Token-local and causal when dropless (the default); the local experts depend on the token's position.
 
 Legend: G groups, S tokens per group, D width, E experts, K experts per token, R ranks, N assignments.
 """
@@ -87,7 +89,7 @@ class LocMoERouter(TopKRouter):
         num_experts: E.
         top_k: K experts per token.
         capacity_factor: cf > 0, or None for dropless routing.
-        num_ranks: R ranks the experts are split over when not distributed (group g on rank g mod R).
+        num_ranks: R ranks the experts are split over when not distributed (position s on rank s mod R).
         local_bias: β added to local experts' gates for selection only (>= 0).
         locality_loss_weight: μ of the locality loss (>= 0).
         noise_std, importance_loss_weight, load_loss_weight, switch_loss_weight, z_loss_weight,
@@ -113,60 +115,59 @@ class LocMoERouter(TopKRouter):
         with torch.no_grad():  # orthogonal gate vectors (rows when E <= D), of unit norm like LeCun's rows
             nn.init.orthogonal_(self.weight)
 
-    def local_experts(self, num_groups: int, device) -> torch.Tensor:
-        """G×E bool: the experts hosted on each group's rank (contiguous blocks of ⌊e·R/E⌋)."""
+    def local_experts(self, group_size: int, device) -> torch.Tensor:
+        """S×E bool: the experts hosted on the rank of the token at each position (contiguous
+        blocks ``⌊e·R/E⌋``)."""
         E = self.num_experts
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             R = torch.distributed.get_world_size()
-            rank_G = torch.full((num_groups,), torch.distributed.get_rank(), device=device)
+            rank_S = torch.full((group_size,), torch.distributed.get_rank(), device=device)
         else:
             R = self.num_ranks
-            rank_G = torch.arange(num_groups, device=device) % R
+            rank_S = torch.arange(group_size, device=device) % R
         rank_E = torch.arange(E, device=device) * R // E
-        return rank_G[:, None] == rank_E[None, :]
+        return rank_S[:, None] == rank_E[None, :]
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         logits_GSE = self.linear_logits(x_GSD, self.weight)
         noisy_GSE = self.add_noise(logits_GSE, self.noise_std)
         gates_GSE = torch.softmax(noisy_GSE, dim=-1)
-        local_GE = self.local_experts(x_GSD.shape[0], x_GSD.device)
-        routing = self._select(x_GSD, gates_GSE, local_GE, mask_GS)
+        local_SE = self.local_experts(x_GSD.shape[1], x_GSD.device)
+        routing = self._select(x_GSD, gates_GSE, local_SE, mask_GS)
         self.aux_losses = {}
         if self.training:
             self.aux_losses = self._aux_losses(logits_GSE, noisy_GSE, gates_GSE, mask_GS)
             if self.locality_loss_weight:
-                self.aux_losses["locality"] = self.locality_loss_weight * locality_loss(gates_GSE, local_GE, mask_GS)
+                self.aux_losses["locality"] = self.locality_loss_weight * locality_loss(gates_GSE, local_SE, mask_GS)
         return routing
 
-    def _select(self, x_GSD, gates_GSE, local_GE, mask_GS) -> Routing:
-        select_GSE = gates_GSE.detach() + self.local_bias * local_GE[:, None, :]
+    def _select(self, x_GSD, gates_GSE, local_SE, mask_GS) -> Routing:
+        select_GSE = gates_GSE.detach() + self.local_bias * local_SE
         routing = select_token_choice(select_GSE, gates_GSE, self.top_k, self.capacity(x_GSD.shape[1]),
                                       self.batch_priority, mask_GS, scores_GSE=gates_GSE,
                                       renormalize=self.renormalize)
-        self._record(routing, x_GSD, local_GE)
+        self._record(routing, x_GSD, local_SE)
         return routing
 
-    def _record(self, routing: Routing, x_GSD: torch.Tensor, local_GE: torch.Tensor) -> None:
-        """Extras: which experts are local to each group, and δ of this routing."""
-        routing.extras["local_GE"] = local_GE
+    def _record(self, routing: Routing, x_GSD: torch.Tensor, local_SE: torch.Tensor) -> None:
+        """Extras: which experts are local to each position, and δ of this routing."""
+        routing.extras["local_SE"] = local_SE
         routing.extras["max_angle"] = max_angular_deviation(
             x_GSD.reshape(-1, x_GSD.shape[-1]), self.weight, routing.token_idx_N, routing.expert_idx_N)
 
 
-def local_share(routing: Routing, local_GE: torch.Tensor) -> torch.Tensor:
-    """Share of the kept assignments that go to an expert local to the token's group."""
-    group_N = torch.div(routing.token_idx_N, routing.group_size, rounding_mode="floor")
-    local_N = local_GE[group_N, routing.expert_idx_N]
+def local_share(routing: Routing, local_SE: torch.Tensor) -> torch.Tensor:
+    """Share of the kept assignments that go to an expert local to the token's position."""
+    local_N = local_SE[routing.token_idx_N % routing.group_size, routing.expert_idx_N]
     return local_N.float().mean() if local_N.numel() else torch.zeros(())
 
 
-def locality_loss(probs_GSE: torch.Tensor, local_GE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
+def locality_loss(probs_GSE: torch.Tensor, local_SE: torch.Tensor, mask_GS: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_s KL(u_L ‖ p_s)`` over valid tokens, u_L uniform over the token's local experts:
-    ``Σ_{e∈L} (1/|L|)(log(1/|L|) − log p_e)``; 0 for a group without local experts."""
-    n_local_G1 = local_GE.sum(-1, keepdim=True).float()
-    u_GE = local_GE.float() / n_local_G1.clamp_min(1.0)
+    ``Σ_{e∈L} (1/|L|)(log(1/|L|) − log p_e)``."""
+    u_SE = local_SE.float() / local_SE.sum(-1, keepdim=True).float().clamp_min(1.0)
     log_p_GSE = torch.log(probs_GSE.float().clamp_min(1e-20))
-    kl_GS = (u_GE[:, None, :] * (torch.log(u_GE.clamp_min(1e-20))[:, None, :] - log_p_GSE)).sum(-1)
+    kl_GS = (u_SE * (torch.log(u_SE.clamp_min(1e-20)) - log_p_GSE)).sum(-1)
     m_GS = torch.ones_like(kl_GS) if mask_GS is None else mask_GS.float()
     return (kl_GS * m_GS).sum() / m_GS.sum().clamp_min(1.0)

@@ -100,8 +100,8 @@ class LocMoEPlusRouter(LocMoERouter):
                 nn.functional.normalize(self.weight.float(), dim=-1).t()
         logits_GSE = affinity_GSE / self.temperature
         gates_GSE = torch.softmax(logits_GSE, dim=-1)
-        local_GE = self.local_experts(G, x_GSD.device)
-        select_GSE = affinity_GSE.detach() + self.local_bias * local_GE[:, None, :]
+        local_SE = self.local_experts(S, x_GSD.device)
+        select_GSE = affinity_GSE.detach() + self.local_bias * local_SE
         top_idx_GSK = select_GSE.topk(self.top_k, dim=-1).indices
         candidate_GSE = torch.zeros_like(gates_GSE, dtype=torch.bool).scatter(-1, top_idx_GSK, True)
         if mask_GS is not None:
@@ -110,7 +110,7 @@ class LocMoEPlusRouter(LocMoERouter):
         routing = select_expert_choice(affinity_GSE.detach(), gates_GSE, self.capacity(S), mask_GS,
                                        eligible_GSE=eligible_GSE, scores_GSE=gates_GSE)
         routing.num_choices = candidate_GSE.sum()  # candidates not taken are drops
-        routing.extras["local_GE"] = local_GE
+        routing.extras["local_SE"] = local_SE
         token_N, expert_N = eligible_GSE.reshape(G * S, -1).nonzero(as_tuple=True)
         delta = max_angular_deviation(x_GSD.reshape(G * S, -1), self.weight, token_N, expert_N)
         routing.extras["max_angle"] = delta
@@ -121,7 +121,7 @@ class LocMoEPlusRouter(LocMoERouter):
                     self.pending_angle.copy_(torch.maximum(self.pending_angle, delta))
             self.aux_losses = self._aux_losses(logits_GSE, logits_GSE, gates_GSE, mask_GS)
             if self.locality_loss_weight:
-                self.aux_losses["locality"] = self.locality_loss_weight * locality_loss(gates_GSE, local_GE, mask_GS)
+                self.aux_losses["locality"] = self.locality_loss_weight * locality_loss(gates_GSE, local_SE, mask_GS)
         return routing
 
     @torch.no_grad()

@@ -147,10 +147,10 @@ def test_locmoe_sends_more_assignments_to_the_tokens_own_rank_than_topk():
     router = LocMoERouter(D, E, top_k=2, num_ranks=2, local_bias=0.1).eval()
     x = torch.randn(G, S, D)
     loc = router(x)
-    local_GE = loc.extras["local_GE"]
-    assert torch.equal(local_GE[0], torch.arange(E) < E // 2) and torch.equal(local_GE[1], torch.arange(E) >= E // 2)
+    local_SE = loc.extras["local_SE"]  # position s lives on rank s mod 2, which hosts half the experts
+    assert torch.equal(local_SE[0], torch.arange(E) < E // 2) and torch.equal(local_SE[1], torch.arange(E) >= E // 2)
     ref = _topk_like(router, 2, None).eval()(x)
-    share_loc, share_ref = local_share(loc, local_GE), local_share(ref, local_GE)
+    share_loc, share_ref = local_share(loc, local_SE), local_share(ref, local_SE)
     assert share_loc > share_ref + 0.05, (share_loc, share_ref)
     unbiased = LocMoERouter(D, E, top_k=2, num_ranks=2, local_bias=0.0).eval()
     unbiased.weight.data.copy_(router.weight.data)
@@ -160,13 +160,14 @@ def test_locmoe_sends_more_assignments_to_the_tokens_own_rank_than_topk():
 def test_locmoe_locality_loss_pulls_gate_mass_to_local_experts():
     router = LocMoERouter(D, 4, num_ranks=2, switch_loss_weight=0.0, locality_loss_weight=1.0).train()
     x = torch.randn(4, 16, D)
+    x[..., 0] = 2.0 * (1 - 2 * (torch.arange(16) % 2))  # a position feature: the home rank is learnable
     opt = torch.optim.Adam(router.parameters(), lr=0.05)
-    local_GE = router.local_experts(4, x.device)
+    local_SE = router.local_experts(16, x.device)
 
     def local_mass():
         with torch.no_grad():
             p = torch.softmax(x @ router.weight.t(), -1)
-            return (p * local_GE[:, None, :]).sum(-1).mean().item()
+            return (p * local_SE).sum(-1).mean().item()
 
     before = local_mass()
     for _ in range(30):
