@@ -97,6 +97,7 @@ class LocMoERouter(TopKRouter):
     """
 
     family = "token choice"
+    routes_by_position = True  # one process: the home rank is the position's (a KV cache cannot follow it)
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
                  num_ranks: int = 2, local_bias: float = 0.1, locality_loss_weight: float = 0.01,
