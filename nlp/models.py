@@ -64,12 +64,14 @@ def default_router() -> Callable[..., Router]:
 def incremental_routing_problem(routers: Sequence[Router]) -> str | None:
     """Why routing one new token at a time (in a group of its own, as a KV-cached decoder does) would
     differ from routing the whole sequence; None when every router routes a token by that token alone:
-    ``token_local``, not mixing tokens, and dropless (with a capacity, whether a token is dropped
+    ``token_local``, not mixing tokens, not ``routes_by_position``, and dropless (with a capacity, whether a token is dropped
     depends on the tokens before it, even in a causal router)."""
     for i, router in enumerate(routers):
         name = type(router).__name__
         if not router.token_local or router.mixes_tokens:
             return f"router {name} (MoE layer {i}) routes a token by the other tokens of its group"
+        if router.routes_by_position:
+            return f"router {name} (MoE layer {i}) routes a token by its position in its group"
         cf = getattr(router, "capacity_factor", None)
         if cf is not None:
             return (f"router {name} (MoE layer {i}) has capacity_factor={cf}: whether a token is dropped depends "

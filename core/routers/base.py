@@ -117,6 +117,9 @@ class Router(nn.Module):
       meets every expert: Soft MoE slots, merged experts);
     - ``mixes_tokens``: an expert's input mixes several tokens of the group (Soft MoE, merging), so a
       token's output depends on the others in its group even in evaluation;
+    - ``routes_by_position``: a token's routing depends on its position in its group, not only on
+      the token (so a KV-cached decoder, which routes each new token in a group of its own, cannot
+      reproduce it: ``nlp.models.incremental_routing_problem``);
     - ``check_group_size(S)``: the routing group sizes it accepts (BASE: a multiple of E);
     - ``routing_group_size(seq_len)``: the group size it needs inside a sequence (Lory: a segment),
       or None for the caller's choice.
@@ -140,6 +143,7 @@ class Router(nn.Module):
     needs_token_ids: bool = False
     supports_expert_parallel: bool = True
     mixes_tokens: bool = False
+    routes_by_position: bool = False
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()

@@ -102,7 +102,8 @@ def test_every_router_generates_alike_with_and_without_the_cache(router_name, ma
     if model.kv_cache_problem() is None:
         with torch.no_grad():
             diff = (_cached_logits(model, ids) - model(ids)).abs().max().item()
-        assert diff < TOL, f"{router_name}: cached logits differ by {diff:.3e}"
+        assert diff < TOL, (f"{router_name}: cached logits differ by {diff:.3e}; a router whose routing of a token "
+                            "depends on the token's position in its group declares routes_by_position = True")
     else:
         with pytest.raises(ValueError, match="a KV cache would change this model's outputs"):
             model.new_kv_cache()
@@ -115,6 +116,9 @@ def test_incremental_routing_problem_reads_the_router_facts():
     assert incremental_routing_problem([HashRouter(8, 4)]) is None
     assert "capacity_factor=1.05" in incremental_routing_problem([TopKRouter(8, 4)])
     assert "MoE layer 1" in incremental_routing_problem([HashRouter(8, 4), ExpertChoiceRouter(8, 4)])
+    by_position = HashRouter(8, 4)
+    by_position.routes_by_position = True
+    assert "routes a token by its position in its group" in incremental_routing_problem([by_position])
 
 
 transformers = pytest.importorskip("transformers")
