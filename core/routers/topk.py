@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from core import losses
+from core.routers.batch_priority import check_batch_priority
 from core.routers.base import (
     Router, TokenChoiceCapacity, check_bool, check_capacity_factor, check_finite, check_positive_int,
     init_router_weight, select_token_choice,
@@ -61,7 +62,7 @@ class TopKRouter(TokenChoiceCapacity, Router):
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.capacity_multiple_of = check_positive_int("capacity_multiple_of", capacity_multiple_of)
-        self.batch_priority = check_bool("batch_priority", batch_priority)
+        self.batch_priority = check_batch_priority(batch_priority, self.capacity_factor, type(self).__name__)
         self.noise_std = noise_std
         self.renormalize = check_bool("renormalize", renormalize)
         for name, weight in (("importance_loss_weight", importance_loss_weight), ("load_loss_weight", load_loss_weight),

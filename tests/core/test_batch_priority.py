@@ -90,3 +90,11 @@ def test_bpr_keeps_the_most_confident_first_choices():
             assert min(kept_p) >= max(lost_p)
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("name", ["topk", "switch", "sinkhorn_token_choice", "sparse_token_choice", "gshard"])
+def test_batch_priority_with_a_dropless_capacity_is_refused(name):
+    """Routers whose paper default has a capacity refuse BPR too once capacity_factor=null makes them dropless."""
+    with pytest.raises(ConfigError, match=r"router\.batch_priority=True is not allowed: \w+Router with "
+                                          r"capacity_factor=None is dropless"):
+        check_router(_node(name, batch_priority=True, capacity_factor=None), E, domain="vision")
