@@ -32,6 +32,7 @@ M rows per expert (batched path), R rows per block (chunked layout).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from core.memory import check_allocation
 from core.routers.base import check_positive_int
+from core.routing import count_ids
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -70,23 +72,35 @@ class _ActKernels(NamedTuple):
     bwd: Callable
 
 
-def _act_kernels(act: nn.Module) -> _ActKernels | None:
-    """Out-variant kernels for the activations the fused function knows (exact types only, so a
-    subclass with a different forward falls back to autograd)."""
-    aten = torch.ops.aten
+def _act_name(act: nn.Module) -> str | None:
+    """The activations the fused function knows, by name (exact types only, so a subclass with a
+    different forward falls back to autograd): ``gelu:<approximate>``, ``silu``, ``relu``, ``identity``."""
     if type(act) is nn.GELU:
-        approx = act.approximate
+        return f"gelu:{act.approximate}"
+    return {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}.get(type(act))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(name: str) -> _ActKernels:
+    """Out-variant kernels of the activation named by ``_act_name``."""
+    aten = torch.ops.aten
+    if name.startswith("gelu:"):
+        approx = name[len("gelu:"):]
         return _ActKernels(lambda h, out: aten.gelu.out(h, approximate=approx, out=out),
                            lambda g, h, out: aten.gelu_backward.grad_input(g, h, approximate=approx, grad_input=out))
-    if type(act) is nn.SiLU:
+    if name == "silu":
         return _ActKernels(lambda h, out: aten.silu.out(h, out=out),
                            lambda g, h, out: aten.silu_backward.grad_input(g, h, grad_input=out))
-    if type(act) is nn.ReLU:
+    if name == "relu":
         return _ActKernels(lambda h, out: torch.clamp_min(h, 0, out=out),
                            lambda g, h, out: aten.threshold_backward.grad_input(g, h, 0, grad_input=out))
-    if type(act) is nn.Identity:
-        return _ActKernels(lambda h, out: out.copy_(h), lambda g, h, out: out.copy_(g))
-    return None
+    return _ActKernels(lambda h, out: out.copy_(h), lambda g, h, out: out.copy_(g))
+
+
+def _act_kernels(act: nn.Module) -> _ActKernels | None:
+    """Out-variant kernels for the activations the fused function knows, else None."""
+    name = _act_name(act)
+    return None if name is None else _kernels(name)
 
 
 class _Plan(NamedTuple):
@@ -245,6 +259,106 @@ def _routed_inference(x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _Ac
     return out_TO
 
 
+def _routed_forward(x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels,
+                    empty: Callable[[int, int, torch.Tensor], torch.Tensor]):
+    """The forward of ``_RoutedExperts``: ``(out_TO, h_NF, a_NF, g_NF)``, the last three what the
+    backward needs (None where the layout does not keep them); ``empty(rows, cols, like)`` gives the
+    memory of the kept per-expert pre-activations."""
+    N, R = plan.token_N.shape[0], plan.block_rows
+    D, F, O = x_TD.shape[1], w1.shape[2], w2.shape[2]
+    per_expert = plan.offs_E is None
+    a_NF = None if per_expert else x_TD.new_empty(N, F)  # per-expert blocks recompute a in the backward
+    h_NF = empty(N, F, x_TD) if per_expert else None
+    g_NF = empty(N, F, x_TD) if (per_expert and w3 is not None) else None
+    out_TO = x_TD.new_zeros(plan.num_tokens, O)
+    buf_x, buf_a, buf_y = ((x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert
+                           else (None,) * 3)
+    w_N1 = weight_N[:, None]
+    for e, s, m in plan.blocks:
+        tok = plan.token_N[s:s + m]
+        x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
+        h_c = _lin(x_c, w1, b1, e, plan, h_NF[s:s + m] if per_expert else None)
+        if not per_expert:
+            h_NF = h_c
+        a_c = kern.fwd(h_c, _buffer(buf_a, e, m) if per_expert else a_NF)
+        if w3 is not None:
+            gate_c = _lin(x_c, w3, None, e, plan, g_NF[s:s + m] if per_expert else None)
+            if not per_expert:
+                g_NF = gate_c
+            a_c.mul_(gate_c)
+        y_c = _lin(a_c, w2, b2, e, plan, _buffer(buf_y, e, m))
+        out_TO.index_add_(0, tok, y_c.mul_(w_N1[s:s + m]))
+    return out_TO, h_NF, a_NF, g_NF
+
+
+def _routed_backward(grad_TO, x_TD, weight_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF, plan: _Plan,
+                     kern: _ActKernels, needs: tuple[bool, ...]):
+    """The backward of ``_RoutedExperts``: the gradients of (x, w, w1, w2, w3, b1, b2), None where
+    ``needs`` is False."""
+    need_x, need_w, need_w1, need_w2, need_w3, need_b1, need_b2 = needs
+    grad_TO = grad_TO.contiguous()
+    R, D, F, O = plan.block_rows, x_TD.shape[1], w1.shape[2], w2.shape[2]
+    per_expert = plan.offs_E is None
+    zeros = not plan.blocks  # no assignments: every weight gradient is zero
+    new = x_TD.new_zeros if zeros else x_TD.new_empty
+    dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
+    dw_N = new(weight_N.shape) if need_w else None
+    dw1 = new(w1.shape) if need_w1 else None
+    dw2 = new(w2.shape) if need_w2 else None
+    dw3 = new(w3.shape) if need_w3 else None
+    db1 = x_TD.new_zeros(b1.shape) if need_b1 else None
+    db2 = x_TD.new_zeros(b2.shape) if need_b2 else None
+    for d in (dw1, dw2, dw3):
+        if d is not None and plan.empty:
+            d[plan.empty] = 0
+    buf = (lambda *shape: x_TD.new_empty(*shape)) if per_expert else (lambda *shape: None)
+    buf_g, buf_da, buf_dh, buf_x, buf_dx = buf(R, O), buf(R, F), buf(R, F), buf(R, D), buf(R, D)
+    buf_act, buf_a = (buf(R, F) if w3 is not None else None), buf(R, F)
+    w_N1 = weight_N[:, None]
+    last_e = None
+    for e, s, m in plan.blocks:
+        first, last_e = e != last_e, e
+        tok, w_c, h_c = plan.token_N[s:s + m], w_N1[s:s + m], h_NF[s:s + m]
+        act_c, a_c = None, a_NF
+        if per_expert:  # a recomputed from h: a cache-resident block, no N×F trip through memory
+            if w3 is not None:
+                act_c = kern.fwd(h_c, _buffer(buf_act, e, m))
+            if need_w or need_w2:  # a enters only the gate and W2 gradients
+                a_c = (kern.fwd(h_c, _buffer(buf_a, e, m)) if w3 is None
+                       else torch.mul(act_c, g_NF[s:s + m], out=_buffer(buf_a, e, m)))
+        g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
+        da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
+        if need_w:
+            dw = torch.sum(torch.mul(da_c, a_c, out=_buffer(buf_dh, e, m)), 1, out=dw_N[s:s + m])
+            if b2 is not None:  # the expert output is a W2 + b2
+                dw.add_(g_c @ b2[e] if e >= 0 else torch.linalg.vecdot(g_c, b2.index_select(0, plan.expert_N)))
+        g_c.mul_(w_c)
+        if need_w2:
+            dw2 = _wgrad(a_c, g_c, e, first, plan, dw2)
+        if need_b2:
+            _bgrad(g_c, e, plan, db2)
+        da_c.mul_(w_c)
+        dgate_c = None
+        if w3 is not None:
+            dgate_c = (act_c if act_c is not None else kern.fwd(h_c, torch.empty_like(h_c))).mul_(da_c)
+            da_c.mul_(g_NF[s:s + m])
+        dh_c = kern.bwd(da_c, h_c, _buffer(buf_dh, e, m) if per_expert else da_c)
+        if need_b1:
+            _bgrad(dh_c, e, plan, db1)
+        if need_w1 or need_w3:
+            x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
+            if need_w1:
+                dw1 = _wgrad(x_c, dh_c, e, first, plan, dw1)
+            if need_w3:
+                dw3 = _wgrad(x_c, dgate_c, e, first, plan, dw3)
+        if need_x:
+            dx_c = _lin(dh_c, w1.transpose(1, 2), None, e, plan, _buffer(buf_dx, e, m))
+            if w3 is not None:
+                dx_c.add_(_lin(dgate_c, w3.transpose(1, 2), None, e, plan)) if e < 0 else dx_c.addmm_(dgate_c, w3[e].t())
+            dx_TD.index_add_(0, tok, dx_c)
+    return dx_TD, dw_N, dw1, dw2, dw3, db1, db2
+
+
 class _RoutedExperts(torch.autograd.Function):
     """``out[t] = Σ_{n: token_n = t} w_n · FFN_{e_n}(x[t])`` block by block, with its backward.
 
@@ -259,30 +373,7 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weight_N, w1, w2, w3, b1, b2, plan: _Plan, kern: _ActKernels, workspace: Workspace):
-        N, R = plan.token_N.shape[0], plan.block_rows
-        D, F, O = x_TD.shape[1], w1.shape[2], w2.shape[2]
-        per_expert = plan.offs_E is None
-        a_NF = None if per_expert else x_TD.new_empty(N, F)  # per-expert blocks recompute a in the backward
-        h_NF = workspace.empty(N, F, x_TD) if per_expert else None
-        g_NF = workspace.empty(N, F, x_TD) if (per_expert and w3 is not None) else None
-        out_TO = x_TD.new_zeros(plan.num_tokens, O)
-        buf_x, buf_a, buf_y = ((x_TD.new_empty(R, D), x_TD.new_empty(R, F), x_TD.new_empty(R, O)) if per_expert
-                               else (None,) * 3)
-        w_N1 = weight_N[:, None]
-        for e, s, m in plan.blocks:
-            tok = plan.token_N[s:s + m]
-            x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
-            h_c = _lin(x_c, w1, b1, e, plan, h_NF[s:s + m] if per_expert else None)
-            if not per_expert:
-                h_NF = h_c
-            a_c = kern.fwd(h_c, _buffer(buf_a, e, m) if per_expert else a_NF)
-            if w3 is not None:
-                gate_c = _lin(x_c, w3, None, e, plan, g_NF[s:s + m] if per_expert else None)
-                if not per_expert:
-                    g_NF = gate_c
-                a_c.mul_(gate_c)
-            y_c = _lin(a_c, w2, b2, e, plan, _buffer(buf_y, e, m))
-            out_TO.index_add_(0, tok, y_c.mul_(w_N1[s:s + m]))
+        out_TO, h_NF, a_NF, g_NF = _routed_forward(x_TD, weight_N, w1, w2, w3, b1, b2, plan, kern, workspace.empty)
         ctx.save_for_backward(x_TD, weight_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF)
         ctx.plan, ctx.kern = plan, kern
         return out_TO
@@ -290,70 +381,82 @@ class _RoutedExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TO):
-        x_TD, weight_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF = ctx.saved_tensors
-        plan, kern = ctx.plan, ctx.kern
-        need_x, need_w, need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad[:7]
-        grad_TO = grad_TO.contiguous()
-        R, D, F, O = plan.block_rows, x_TD.shape[1], w1.shape[2], w2.shape[2]
-        per_expert = plan.offs_E is None
-        zeros = not plan.blocks  # no assignments: every weight gradient is zero
-        new = x_TD.new_zeros if zeros else x_TD.new_empty
-        dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
-        dw_N = new(weight_N.shape) if need_w else None
-        dw1 = new(w1.shape) if need_w1 else None
-        dw2 = new(w2.shape) if need_w2 else None
-        dw3 = new(w3.shape) if need_w3 else None
-        db1 = x_TD.new_zeros(b1.shape) if need_b1 else None
-        db2 = x_TD.new_zeros(b2.shape) if need_b2 else None
-        for d in (dw1, dw2, dw3):
-            if d is not None and plan.empty:
-                d[plan.empty] = 0
-        buf = (lambda *shape: x_TD.new_empty(*shape)) if per_expert else (lambda *shape: None)
-        buf_g, buf_da, buf_dh, buf_x, buf_dx = buf(R, O), buf(R, F), buf(R, F), buf(R, D), buf(R, D)
-        buf_act, buf_a = (buf(R, F) if w3 is not None else None), buf(R, F)
-        w_N1 = weight_N[:, None]
-        last_e = None
-        for e, s, m in plan.blocks:
-            first, last_e = e != last_e, e
-            tok, w_c, h_c = plan.token_N[s:s + m], w_N1[s:s + m], h_NF[s:s + m]
-            act_c, a_c = None, a_NF
-            if per_expert:  # a recomputed from h: a cache-resident block, no N×F trip through memory
-                if w3 is not None:
-                    act_c = kern.fwd(h_c, _buffer(buf_act, e, m))
-                if need_w or need_w2:  # a enters only the gate and W2 gradients
-                    a_c = (kern.fwd(h_c, _buffer(buf_a, e, m)) if w3 is None
-                           else torch.mul(act_c, g_NF[s:s + m], out=_buffer(buf_a, e, m)))
-            g_c = torch.index_select(grad_TO, 0, tok, out=_buffer(buf_g, e, m))
-            da_c = _lin(g_c, w2.transpose(1, 2), None, e, plan, _buffer(buf_da, e, m))  # dL/da before the gate
-            if need_w:
-                dw = torch.sum(torch.mul(da_c, a_c, out=_buffer(buf_dh, e, m)), 1, out=dw_N[s:s + m])
-                if b2 is not None:  # the expert output is a W2 + b2
-                    dw.add_(g_c @ b2[e] if e >= 0 else torch.linalg.vecdot(g_c, b2.index_select(0, plan.expert_N)))
-            g_c.mul_(w_c)
-            if need_w2:
-                dw2 = _wgrad(a_c, g_c, e, first, plan, dw2)
-            if need_b2:
-                _bgrad(g_c, e, plan, db2)
-            da_c.mul_(w_c)
-            dgate_c = None
-            if w3 is not None:
-                dgate_c = (act_c if act_c is not None else kern.fwd(h_c, torch.empty_like(h_c))).mul_(da_c)
-                da_c.mul_(g_NF[s:s + m])
-            dh_c = kern.bwd(da_c, h_c, _buffer(buf_dh, e, m) if per_expert else da_c)
-            if need_b1:
-                _bgrad(dh_c, e, plan, db1)
-            if need_w1 or need_w3:
-                x_c = torch.index_select(x_TD, 0, tok, out=_buffer(buf_x, e, m))
-                if need_w1:
-                    dw1 = _wgrad(x_c, dh_c, e, first, plan, dw1)
-                if need_w3:
-                    dw3 = _wgrad(x_c, dgate_c, e, first, plan, dw3)
-            if need_x:
-                dx_c = _lin(dh_c, w1.transpose(1, 2), None, e, plan, _buffer(buf_dx, e, m))
-                if w3 is not None:
-                    dx_c.add_(_lin(dgate_c, w3.transpose(1, 2), None, e, plan)) if e < 0 else dx_c.addmm_(dgate_c, w3[e].t())
-                dx_TD.index_add_(0, tok, dx_c)
-        return dx_TD, dw_N, dw1, dw2, dw3, db1, db2, None, None, None
+        saved = ctx.saved_tensors
+        return (*_routed_backward(grad_TO, *saved, ctx.plan, ctx.kern, tuple(ctx.needs_input_grad[:7])),
+                None, None, None)
+
+
+# Under torch.compile the fused function is one opaque operator per direction: Dynamo cannot trace
+# the host-synced plan, the reused buffers and the out= kernels of an autograd.Function (their
+# aliasing breaks its capture), but it passes a custom op through without a graph break. The op
+# recomputes the plan from the unsorted assignments in both directions and allocates its buffers
+# afresh; block_rows 0 is the grouped layout.
+
+def _kept_shapes(N: int, F: int, save: bool, block_rows: int, glu: bool) -> list[tuple[int, ...]]:
+    """Shapes of the op's saved outputs h, a, g (N×F where the layout keeps one, else empty)."""
+    return [(N, F) if keep else (0,) for keep in (save, save and block_rows == 0, save and glu)]
+
+
+@torch.library.custom_op("moe_suite::routed_experts", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor token_idx, Tensor expert_idx, Tensor w1, Tensor w2, Tensor? w3, "
+    "Tensor? b1, Tensor? b2, str act, int block_rows, bool save) -> (Tensor, Tensor, Tensor, Tensor)"))
+def _routed_op(x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, act, block_rows, save):
+    """``(out_TO, h, a, g)``: the fused function's output and what its backward needs."""
+    plan = _plan(token_idx_N, expert_idx_N, w1.shape[0], x_TD.shape[0], block_rows or None)
+    w_N, kern = weight_N.index_select(0, plan.order_N), _kernels(act)
+    if not save:
+        kept = (None,) * 3
+        out_TO = _routed_inference(x_TD, w_N, w1, w2, w3, b1, b2, plan, kern)
+    else:
+        out_TO, *kept = _routed_forward(x_TD, w_N, w1, w2, w3, b1, b2, plan, kern,
+                                        lambda rows, cols, like: like.new_empty(rows, cols))
+    shapes = _kept_shapes(token_idx_N.shape[0], w1.shape[2], save, block_rows, w3 is not None)
+    return (out_TO, *(t if t is not None else x_TD.new_empty(shape) for t, shape in zip(kept, shapes)))
+
+
+@_routed_op.register_fake
+def _(x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, act, block_rows, save):
+    shapes = _kept_shapes(token_idx_N.shape[0], w1.shape[2], save, block_rows, w3 is not None)
+    return (x_TD.new_empty(x_TD.shape[0], w2.shape[2]), *(x_TD.new_empty(shape) for shape in shapes))
+
+
+@torch.library.custom_op("moe_suite::routed_experts_backward", mutates_args=(), schema=(
+    "(Tensor grad, Tensor x, Tensor weight, Tensor token_idx, Tensor expert_idx, Tensor w1, Tensor w2, "
+    "Tensor? w3, Tensor? b1, Tensor? b2, Tensor h, Tensor a, Tensor g, str act, int block_rows, "
+    "bool[] needs) -> Tensor[]"))
+def _routed_backward_op(grad_TO, x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF,
+                        act, block_rows, needs):
+    """Gradients of (x, weight, w1, w2, w3, b1, b2); an empty tensor where ``needs`` is False."""
+    plan = _plan(token_idx_N, expert_idx_N, w1.shape[0], x_TD.shape[0], block_rows or None)
+    grads = list(_routed_backward(grad_TO.contiguous(), x_TD, weight_N.index_select(0, plan.order_N), w1, w2, w3,
+                                  b1, b2, h_NF, a_NF if block_rows == 0 else None, g_NF if w3 is not None else None,
+                                  plan, _kernels(act), tuple(needs)))
+    if grads[1] is not None:  # the gate gradient back in the callers' (unsorted) order
+        grads[1] = torch.empty_like(grads[1]).index_copy_(0, plan.order_N, grads[1])
+    return [g if g is not None else x_TD.new_empty(0) for g in grads]
+
+
+@_routed_backward_op.register_fake
+def _(grad_TO, x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, h_NF, a_NF, g_NF, act, block_rows,
+      needs):
+    wrt = (x_TD, weight_N, w1, w2, w3, b1, b2)
+    return [t.new_empty(t.shape) if need and t is not None else x_TD.new_empty(0) for t, need in zip(wrt, needs)]
+
+
+def _routed_op_setup(ctx, inputs, output):
+    x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, act, block_rows, _ = inputs
+    ctx.save_for_backward(x_TD, weight_N, token_idx_N, expert_idx_N, w1, w2, w3, b1, b2, *output[1:])
+    ctx.act, ctx.block_rows = act, block_rows
+
+
+def _routed_op_backward(ctx, grad_TO, *_):
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 4, 5, 6, 7, 8)]
+    grads = torch.ops.moe_suite.routed_experts_backward(grad_TO, *ctx.saved_tensors, ctx.act, ctx.block_rows, needs)
+    dx, dw, dw1, dw2, dw3, db1, db2 = (g if need else None for g, need in zip(grads, needs))
+    return dx, dw, None, None, dw1, dw2, dw3, db1, db2, None, None, None
+
+
+_routed_op.register_autograd(_routed_op_backward, setup_context=_routed_op_setup)
 
 
 def dispatch_combine(experts: nn.Module, x_TD: torch.Tensor, token_idx_N: torch.Tensor,
@@ -364,7 +467,7 @@ def dispatch_combine(experts: nn.Module, x_TD: torch.Tensor, token_idx_N: torch.
     order_N = torch.argsort(expert_idx_N, stable=True)
     token_N = token_idx_N.index_select(0, order_N)
     expert_N = expert_idx_N.index_select(0, order_N)
-    counts_E = torch.bincount(expert_idx_N, minlength=experts.num_experts)
+    counts_E = count_ids(expert_idx_N, experts.num_experts)
     y_NO = experts(x_TD.index_select(0, token_N), counts_E, expert_N)
     y_NO = y_NO * weight_N.index_select(0, order_N).to(y_NO.dtype)[:, None]
     return y_NO.new_zeros(x_TD.shape[0], y_NO.shape[1]).index_add_(0, token_N, y_NO)
@@ -430,7 +533,7 @@ class Experts(nn.Module):
 
     def _fusable(self) -> bool:
         """The fused engines need an activation with known kernels and no norm layer."""
-        return _act_kernels(self.act) is not None and isinstance(self.norm, nn.Identity)
+        return _act_name(self.act) is not None and isinstance(self.norm, nn.Identity)
 
     def _hidden(self, h_NF: torch.Tensor, g_NF: torch.Tensor | None) -> torch.Tensor:
         h_NF = self.act(h_NF) if g_NF is None else self.act(h_NF) * g_NF
@@ -476,11 +579,17 @@ class Experts(nn.Module):
         if engine == "composed":
             return dispatch_combine(self, x_TD, token_idx_N, expert_idx_N, weight_N)
         dt = self._compute_dtype(x_TD)
-        plan = _plan(token_idx_N, expert_idx_N, self.num_experts, x_TD.shape[0],
-                     self.block_rows if engine == "chunked" else None)
-        w_N = weight_N.index_select(0, plan.order_N).to(dt)
+        block_rows = self.block_rows if engine == "chunked" else None
         params = [None if p is None else p.to(dt) for p in (self.w1_EDF, self.w2_EFO, self.w3_EDF, self.b1_EF, self.b2_EO)]
         x_TD = x_TD.to(dt).contiguous()
+        if torch.compiler.is_compiling():
+            w_N = weight_N.to(dt)
+            save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x_TD, w_N, *params])
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return torch.ops.moe_suite.routed_experts(x_TD, w_N, token_idx_N, expert_idx_N, *params,
+                                                          _act_name(self.act), block_rows or 0, save)[0]
+        plan = _plan(token_idx_N, expert_idx_N, self.num_experts, x_TD.shape[0], block_rows)
+        w_N = weight_N.index_select(0, plan.order_N).to(dt)
         kern = _act_kernels(self.act)
         with torch.autocast(x_TD.device.type, enabled=False):
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x_TD, w_N, *params]):

@@ -62,6 +62,15 @@ def check_token_ids(name: str, ids, shape: tuple[int, ...], of: str) -> torch.Te
     return ids
 
 
+def count_ids(ids_N: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Occurrences of each id in [0, num_ids): ``torch.bincount(ids_N, minlength=num_ids)``, whose
+    length depends on the data for Dynamo (a graph break); under ``torch.compile`` a scatter-add
+    into num_ids counters instead."""
+    if torch.compiler.is_compiling():
+        return ids_N.new_zeros(num_ids).scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    return torch.bincount(ids_N, minlength=num_ids)
+
+
 def positions_in_segment(key_N: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Rank of each entry among the earlier entries with the same key (0, 1, 2, ... in list order).
 
@@ -71,7 +80,7 @@ def positions_in_segment(key_N: torch.Tensor, num_segments: int) -> torch.Tensor
     if key_N.numel() == 0:
         return key_N.clone()
     order_N = torch.argsort(key_N, stable=True)
-    counts = torch.bincount(key_N, minlength=num_segments)
+    counts = count_ids(key_N, num_segments)
     starts = torch.cumsum(counts, 0) - counts
     ranks_sorted = torch.arange(key_N.numel(), device=key_N.device) - starts[key_N[order_N]]
     pos_N = torch.empty_like(key_N)
@@ -154,7 +163,7 @@ class Routing:
                 return self.merge_GE.detach().sum(0) * self.group_size
             valid_G1 = self.mask_GS.sum(1, keepdim=True).to(self.merge_GE.dtype)
             return (self.merge_GE.detach() * valid_G1).sum(0)
-        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+        return count_ids(self.expert_idx_N, self.num_experts)
 
     def slot_idx_N(self) -> torch.Tensor:
         """Buffer slot of every kept assignment inside its (group, expert) buffer."""

@@ -50,6 +50,8 @@ class TrainerConfig:
         expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
             (``core.distributed.shard_experts``); False: every rank holds every expert (plain data
             parallelism). No effect in one process.
+        compile: compile the model with ``torch.compile`` (``nn.Module.compile``: in place, so the state
+            dict, checkpoints and ``model.pt`` keep the uncompiled model's keys).
     """
 
     max_epochs: int = 1
@@ -74,6 +76,7 @@ class TrainerConfig:
     progress: bool | str = "auto"
     save_model: bool = True
     expert_parallel: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         check_int("trainer.max_epochs", self.max_epochs, 1)
@@ -109,7 +112,7 @@ class TrainerConfig:
         if not (isinstance(self.resume, (bool, os.PathLike)) or (isinstance(self.resume, str) and self.resume)):
             raise ValueError(f"trainer.resume={self.resume!r} is not allowed: use true, false or the path of a run "
                              "directory or checkpoint file.")
-        for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel"):
+        for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")
         v = self.max_skipped_fraction

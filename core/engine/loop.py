@@ -158,6 +158,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
         self._distribute(model)
+        if cfg.compile:  # in place: state_dict keys stay those of the uncompiled model
+            model.compile()
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
             raise ValueError("the training loader yields no batch: more data or a smaller batch_size is needed.")
