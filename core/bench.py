@@ -18,6 +18,11 @@ Three tables (DESIGN.md §3):
    V-MoE (ViT patch 4 on 28×28×1, width 96, depth 6, E=8 top-2 cf 1.05 in every other block)
    against the dense ViT whose MLPs in those blocks are K times wider (same activated FLOPs).
 
+``--compile`` adds ``torch.compile``d copies of ``dense`` and ``ours`` to the layer table (and of both
+ViTs to the e2e table), named ``<engine>+compile``, compiled before the timed rounds (the first
+call's seconds are recorded as ``compile_s``), and prints them next to their eager engines: eager
+and compiled median ms and the speedup eager/compiled (from the minima and per round).
+
 Method (background: systems.md §4): one process, warm-ups, then interleaved rounds (every engine
 once per round, in a seeded random order per round) and the minimum and median per engine;
 ``ratio_to_dense`` = t_dense / t_engine from the minima, so 1.0 is the dense speed, and
@@ -37,12 +42,14 @@ Example::
     python -m core.bench --tables layer --layers 16:4:512 --styles loop   # your own shape
     python -m core.bench --e2e --out bench_results/full.json
     python -m core.bench --e2e --malloc tuned   # glibc tuned to reuse freed memory
+    python -m core.bench --compile --e2e        # eager against torch.compile, side by side
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import json
@@ -153,6 +160,33 @@ def _train_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: tor
     return run
 
 
+COMPILED = "+compile"
+
+
+def add_compiled(fns: dict[str, Callable[[], None]], make: dict[str, Callable[[], None]], device: torch.device) -> dict[str, float]:
+    """Add ``make``'s functions (named ``<engine>+compile``) to ``fns`` after one call each, which
+    compiles them outside the timed rounds; returns those calls' seconds. A graph that Dynamo
+    recompiles once for a new shape (dropping routers vary the assignment count) gets a second call."""
+    seconds = {}
+    for name, fn in make.items():
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds[name] = time.perf_counter() - t0
+        fn()
+        fns[name] = fn
+    return seconds
+
+
+def compile_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
+    """(eager record, compiled record) pairs of the same table row."""
+    def key(r):
+        return tuple(r.get(k) for k in ("table", "E", "K", "F", "pass"))
+    by_name = {(key(r), r["engine"]): r for r in records if "engine" in r}
+    return [(by_name[(key(r), r["engine"][:-len(COMPILED)])], r) for r in records
+            if r.get("engine", "").endswith(COMPILED) and (key(r), r["engine"][:-len(COMPILED)]) in by_name]
+
+
 # ---- table 1: the layer against dense and the other styles -------------------------------------
 
 def moe_router(top_k: int) -> Callable:
@@ -225,12 +259,19 @@ def layer_table(args, device: torch.device) -> list[dict]:
             counts = engines["ours"].router(x[None]).tokens_per_expert().tolist()
         ceiling = ExpertsCeiling(D, F, counts, device=device)
         ceiling_fns = _ceiling_fns(ceiling, device)
+        compiled_engines = {n: torch.compile(engines[n]) for n in ("dense", "ours")} if args.compile else {}
         for pass_name in ("fwd", "fwd+bwd"):
             for m in engines.values():
                 m.train(pass_name == "fwd+bwd")
             fns = {n: (_forward_fn(m, x, device) if pass_name == "fwd" else _train_fn(m, x_req, grad, device))
                    for n, m in engines.items()}
             fns["experts_only"] = ceiling_fns[pass_name == "fwd+bwd"]
+            compile_s = {}
+            if args.compile:
+                compiled = {n: compiled_engines[n] for n in ("dense", "ours")}
+                compile_s = add_compiled(fns, {
+                    n + COMPILED: (_forward_fn(m, x, device) if pass_name == "fwd" else _train_fn(m, x_req, grad, device))
+                    for n, m in compiled.items()}, device)
             times = time_interleaved(fns, args.rounds, args.warmups, device, args.style_budget_s, args.clock_fn)
             saved = {}
             if pass_name == "fwd+bwd":
@@ -239,9 +280,11 @@ def layer_table(args, device: torch.device) -> list[dict]:
             for name, ts in times.items():
                 records.append({"table": "layer", "engine": name, "E": E, "K": K, "F": F, "T": T, "D": D,
                                 "pass": pass_name, "tokens_per_s": T / min(ts), **_summary(ts, times["dense"]),
-                                **({"saved_for_backward_mb": saved[name]} if name in saved else {})})
+                                **({"saved_for_backward_mb": saved[name]} if name in saved else {}),
+                                **({"compile_s": compile_s[name]} if name in compile_s else {})})
             _print_partial(records[-len(times):])
-        del engines, ceiling, ceiling_fns
+        del engines, ceiling, ceiling_fns, compiled_engines
+        torch._dynamo.reset()
     return records
 
 
@@ -342,8 +385,13 @@ def e2e_table(args, device: torch.device) -> list[dict]:
     moe_model, dense, source = vit_pair()
     x = torch.randn(B, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (B,), device=device)
-    fns = {}
-    for name, model in (("dense_vit", dense), ("vmoe", moe_model)):
+    fns, make_compiled = {}, {}
+    models = [("dense_vit", dense), ("vmoe", moe_model)]
+    if args.compile:  # copies: each model keeps its own optimizer state and step count
+        models += [(n + COMPILED, copy.deepcopy(m).to(device)) for n, m in models]
+        for _, m in models[2:]:
+            m.compile()
+    for name, model in models:
         model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -355,16 +403,19 @@ def e2e_table(args, device: torch.device) -> list[dict]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 core.after_optimizer_step(model)
-        fns[name] = run
+        (make_compiled if name.endswith(COMPILED) else fns)[name] = run
+    compile_s = add_compiled(fns, make_compiled, device)
     times = time_interleaved(fns, args.rounds, args.warmups, device, clock=args.clock_fn)
     moe = next(m for m in moe_model.modules() if isinstance(m, MoE))
     config = {"num_experts": moe.num_experts, "top_k": getattr(moe.router, "top_k", None),
               "capacity_factor": getattr(moe.router, "capacity_factor", None), "router": type(moe.router).__name__,
               "moe_blocks": [i for i, b in enumerate(moe_model.blocks) if isinstance(b.mlp, MoE)]}
-    return [{"table": "e2e", "engine": name, "source": source if name == "vmoe" else "timm VisionTransformer",
+    return [{"table": "e2e", "engine": name,
+             "source": source if name.startswith("vmoe") else "timm VisionTransformer",
              "vmoe": config,
              "batch_size": B, "steps_per_round": steps, "images_per_s": B * steps / min(ts),
-             **_summary(ts, times["dense_vit"])} for name, ts in times.items()]
+             **_summary(ts, times["dense_vit"]), **({"compile_s": compile_s[name]} if name in compile_s else {})}
+            for name, ts in times.items()]
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -408,6 +459,18 @@ def format_tables(records: list[dict]) -> str:
             lines.append(f"{r['engine']:<10} {r['images_per_s']:>9.1f}  ratio {r['ratio_to_dense']:.2f} "
                          f"(per-round median {r['ratio_to_dense_paired']:.2f})  "
                          f"median {r['median_ms']:.1f} ms  ({r['source']})")
+    pairs = compile_pairs(records)
+    if pairs:
+        lines += ["", "torch.compile against eager: median ms, speedup eager/compiled from the minima | median of "
+                  "the per-round ratios, first call (compile) seconds",
+                  f"{'table':<6} {'E':>3} {'K':>2} {'F':>5} {'pass':<8} {'engine':<10} {'eager ms':>9} "
+                  f"{'compiled ms':>12} {'speedup':>13} {'compile s':>10}"]
+        for eager, comp in pairs:
+            paired = paired_ratio(eager["times_ms"], comp["times_ms"])
+            shape = [eager.get(k, "") for k in ("E", "K", "F")]
+            lines.append(f"{eager['table']:<6} {shape[0]:>3} {shape[1]:>2} {shape[2]:>5} {eager.get('pass', 'train'):<8} "
+                         f"{eager['engine']:<10} {eager['median_ms']:>9.1f} {comp['median_ms']:>12.1f} "
+                         f"{eager['min_ms'] / comp['min_ms']:>6.2f}|{paired:<6.2f} {comp['compile_s']:>10.1f}")
     return "\n".join(lines)
 
 
@@ -446,6 +509,7 @@ def environment(args, device: torch.device) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "busy_cores_at_start": busy_cores(),
         "quick": args.quick, "rounds": args.rounds, "warmups": args.warmups, "clock": args.clock,
+        "compile": args.compile,
     }
 
 
@@ -453,6 +517,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", default="layer,routers", help="comma list of layer, routers, e2e")
     p.add_argument("--e2e", action="store_true", help="add the end-to-end V-MoE table")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd dense and MoE (layer and e2e tables), next to eager")
     p.add_argument("--quick", action="store_true", help="small shapes and 2 rounds (smoke test)")
     p.add_argument("--out", default="bench_results/bench.json", help="JSON output path")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

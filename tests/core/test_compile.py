@@ -138,3 +138,19 @@ def test_cli_compile_run_saves_weights_an_uncompiled_model_loads(tmp_path):
     assert any(not torch.equal(weights[n], initial[n]) for n in initial), "the run changed no weight"
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(2, 1, 8, 8))).all()
+
+
+def test_bench_prints_compiled_next_to_eager():
+    """``core.bench --compile``'s records: each ``<engine>+compile`` row is printed beside its eager
+    engine with the speedup eager/compiled; without compiled rows the section is absent."""
+    from core.bench import format_tables
+
+    def rec(engine, ms, **extra):
+        return {"table": "e2e", "engine": engine, "source": "s", "batch_size": 4, "images_per_s": 4e3 / ms,
+                "ratio_to_dense": 1.0, "ratio_to_dense_paired": 1.0, "min_ms": ms, "median_ms": ms,
+                "times_ms": [ms, ms], **extra}
+    eager = [rec("dense_vit", 10.0), rec("vmoe", 20.0)]
+    text = format_tables(eager + [rec("vmoe+compile", 8.0, compile_s=30.0)])
+    row = next(line for line in text.splitlines() if line.startswith("e2e") and " vmoe " in line)
+    assert row.split()[-4:] == ["20.0", "8.0", "2.50|2.50", "30.0"]
+    assert "torch.compile against eager" not in format_tables(eager)
