@@ -149,10 +149,10 @@ def create_clip(model_name: str = "mm-clip-tiny-p4-32", checkpoint: str | None =
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Model weights from a run directory or checkpoint of ``core.engine`` or a plain ``torch.save``d
     state dict."""
-    from core.engine import find_checkpoint
+    from core.engine import find_checkpoint, is_training_checkpoint
 
     path = Path(path)
-    if path.is_dir() or path.read_bytes()[:8] == b"MOECKPT1":
+    if path.is_dir() or is_training_checkpoint(path):
         _, payload = find_checkpoint(str(path), path)
         return payload["model"]
     return torch.load(path, map_location="cpu", weights_only=True)

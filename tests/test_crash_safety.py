@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -159,10 +160,13 @@ def test_corrupt_last_checkpoint_is_reported_and_the_previous_one_resumes(tmp_pa
 def test_garbage_instead_of_a_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="bad header"):
+    with pytest.raises(ValueError, match="checksum file last.ckpt.sha256 is missing"):
         load_checkpoint(bad)
     with pytest.raises(ValueError, match="no readable checkpoint"):
         find_checkpoint(str(bad), tmp_path)
+    engine.checksum_path(bad).write_text(hashlib.sha256(bad.read_bytes()).hexdigest() + "  last.ckpt\n")
+    with pytest.raises(ValueError, match="not a checkpoint"):  # the checksum matches, torch.load does not
+        load_checkpoint(bad)
 
 
 # ---------------------------------------------------------------------------------- numerical faults

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import vision  # noqa: F401  (registers vmoe_* with timm)
 from core.checks import (ConfigError, check_int, check_number, check_readable_dir, check_readable_file,
                          to_config_error)
+from core.engine import is_training_checkpoint
 from core.experts import IMPLS
 from core.surgery import PLACEMENTS, moe_block_indices
 from core.validate import check_router
@@ -135,7 +136,7 @@ def _check_weights_file(key: str, path) -> None:
             head = f.read(8)
     except OSError as err:
         raise ConfigError(key, str(path), f"the file cannot be read ({err.strerror})") from None
-    if head == b"MOECKPT1":
+    if is_training_checkpoint(p):
         raise ConfigError(key, str(path), "it is a training checkpoint, not plain weights; give the dense run's "
                           "model.pt (trainer.save_model=true writes it)")
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle

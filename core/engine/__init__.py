@@ -47,8 +47,9 @@ to the final metrics before ``metrics.json`` is written (once, atomically)::
             metrics["note"] = "baseline"
 
 Resuming: ``TrainerConfig(resume=True)`` continues from ``<out_dir>/checkpoints/last.ckpt`` (or
-``prev.ckpt`` when the last one is unreadable) in the same batch order, so a killed-and-resumed
-CPU run ends with the uninterrupted run's metrics.
+``prev.ckpt`` when the last one fails its ``last.ckpt.sha256`` checksum) in the same batch order, so a
+killed-and-resumed CPU run ends with the uninterrupted run's metrics. Checkpoints are plain
+``torch.save`` files: ``torch.load(path)`` reads them.
 
 Active parameters are *measured*: non-expert parameters plus, per MoE layer, its expert parameters
 × (experts per token / E) counted by ``core.routing_stats`` during the final evaluation (so expert
@@ -64,7 +65,8 @@ counts), ``loop`` (``Trainer``). Import from ``core.engine``; the modules are it
 from __future__ import annotations
 
 from core.engine.callbacks import Callback, TrainState
-from core.engine.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.engine.checkpoint import (checksum_path, find_checkpoint, is_training_checkpoint, load_checkpoint, rng_state,
+                                    save_checkpoint, set_rng_state)
 from core.engine.config import TrainerConfig, derive_seed, resolve_device, seed_everything
 from core.engine.loaders import TensorLoader, batch_size_of, iter_batches, move_to, shard_batch, shard_slice
 from core.engine.loop import LossFn, NonFiniteLossError, Trainer
@@ -77,8 +79,9 @@ from core.engine.records import (
 # the names of the one-module engine, for code and tests written against it
 __all__ = [
     "Callback", "EvalFn", "LossFn", "NonFiniteLossError", "TensorLoader", "TrainState", "Trainer", "TrainerConfig",
-    "append_history", "batch_size_of", "build_optimizer", "build_scheduler", "count_parameters", "derive_seed",
-    "final_metrics", "find_checkpoint", "flops_per_example", "iter_batches", "json_value", "load_checkpoint",
+    "append_history", "batch_size_of", "build_optimizer", "build_scheduler", "checksum_path", "count_parameters",
+    "derive_seed", "final_metrics", "find_checkpoint", "flops_per_example", "is_training_checkpoint", "iter_batches",
+    "json_value", "load_checkpoint",
     "move_to", "resolve_device", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "shard_batch",
     "shard_slice", "truncate_history", "warmup_cosine", "WriteError", "write_atomic", "write_json_atomic",
     "write_text_atomic",
