@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/base.txt requirements/nodeps.txt Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements/base.txt
-	# CPU build of fbgemm first, then torchrec without its CUDA dependency (DESIGN.md §7).
+	# CPU build of fbgemm first, then torchrec without its CUDA dependency (docs/install.md).
 	$(PIP) install -q fbgemm-gpu-cpu==1.9.0
 	$(PIP) install -q --no-deps -r requirements/nodeps.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .

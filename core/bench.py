@@ -1,6 +1,6 @@
 """``python -m core.bench``: how fast the MoE layer is, next to a dense FFN of the same activated FLOPs.
 
-Three tables (DESIGN.md §3):
+Three tables:
 
 1. ``layer``: our ``MoE`` layer (router included: top-K with renormalised gates, dropless, no noise,
    bias-free GELU experts) against the dense FFN with hidden width K·F, against the same layer
@@ -23,13 +23,13 @@ ViTs to the e2e table), named ``<engine>+compile``, compiled before the timed ro
 call's seconds are recorded as ``compile_s``), and prints them next to their eager engines: eager
 and compiled median ms and the speedup eager/compiled (from the minima and per round).
 
-Method (background: systems.md §4): one process, warm-ups, then interleaved rounds (every engine
+Method: one process, warm-ups, then interleaved rounds (every engine
 once per round, in a seeded random order per round) and the minimum and median per engine;
 ``ratio_to_dense`` = t_dense / t_engine from the minima, so 1.0 is the dense speed, and
 ``ratio_to_dense_paired`` the median of the per-round ratios, which a slow stretch of a shared
 machine moves less. On CPU the run uses fp32 and all cores, with the allocator
 the process was started with: by default glibc's, as every training run gets it, where each fresh
-buffer of more than 32 MiB is mapped and page-faulted anew (systems.md §3). ``--malloc tuned``
+buffer of more than 32 MiB is mapped and page-faulted anew (glibc's default mmap threshold). ``--malloc tuned``
 re-executes the process with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised, so that
 freed memory is reused; that removes most of the page faults of the engines with big temporaries
 (dense included) and is the harder comparison for our layer. The settings used go into the JSON.
@@ -577,7 +577,7 @@ def _parse_layers(p: argparse.ArgumentParser, text: str) -> tuple[tuple[int, int
 
 def _reexec_with_allocator(args) -> None:
     """``--malloc tuned``: glibc returns big blocks to the OS, so every fresh T·K×F buffer
-    page-faults (systems.md §3); raise the mmap/trim thresholds by re-executing with them set."""
+    page-faults; raise the mmap/trim thresholds by re-executing with them set."""
     if args.malloc == "default" or all(k in os.environ for k in MALLOC_ENV) or platform.system() != "Linux":
         return
     env = dict(os.environ, **MALLOC_ENV)

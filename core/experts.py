@@ -12,7 +12,7 @@ assignments with one autograd function whose backward is written out by hand, in
   same activated FLOPs keeps), in buffers reused from step to step once their backward has
   released them (``Workspace``); inference allocates nothing of size N at all. On CPU this makes
   the layer insensitive to the allocator: with glibc's default malloc every fresh N-sized buffer
-  page-faults (systems.md §3), which costs the other layouts up to a third of their speed. It is
+  page-faults, which costs the other layouts up to a third of their speed. It is
   the CPU counterpart of fusing the gather and scatter into the GEMMs (ScatterMoE, Tan et al. 2024).
 - ``grouped`` (GPU default): the same function on all rows at once with one grouped matmul per
   projection (``torch.nn.functional.grouped_mm``, as torchtitan's ``GroupedExperts``); no host sync.
@@ -183,7 +183,7 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 class Workspace:
     """Reused memory for the N×F pre-activations (and GLU gates) that the chunked backward keeps.
 
-    glibc maps every fresh buffer over 32 MiB anew and page-faults it on first touch (systems.md §3:
+    glibc maps every fresh buffer over 32 MiB anew and page-faults it on first touch (measured:
     about 7 ms for 32 MiB on the 2-core reference machine), once per training step for these
     tensors at benchmark sizes. A pooled buffer is handed out again only once nothing but the pool
     holds its storage: the autograd graph that saved it has released it (after its backward, or

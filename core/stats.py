@@ -1,5 +1,5 @@
 """Gathering what the routers and MoE layers of a model hold: auxiliary losses, post-step updates and
-routing statistics (ROUTERS.md §5). The layer and routers store these on themselves (no tuples
+routing statistics (docs/routers.md §5). The layer and routers store these on themselves (no tuples
 returned, no global state); these functions walk a model and collect them.
 """
 
@@ -48,7 +48,7 @@ def _cv2(v: torch.Tensor) -> float:
 
 
 def routing_stats(model: nn.Module, reset: bool = False) -> dict:
-    """Routing analytics accumulated by every MoE layer since the last reset (ROUTERS.md §5).
+    """Routing analytics accumulated by every MoE layer since the last reset (docs/routers.md §5).
 
     Returns ``{"layers": {name: {...}}, <averages over layers>}`` with, per layer: tokens per expert,
     load CV² (assignment counts), importance CV² (router probability mass), dropped fraction of

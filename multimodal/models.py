@@ -15,7 +15,7 @@ modality-specific embeddings, final norms and projections. Attention runs per mo
 images, causal for text, as in CLIP); each MoE layer routes the image and text tokens of the whole
 batch together in one group, so both modalities compete for the same experts. Training adds the
 per-modality local entropy ``mean_x H(p(x))`` and thresholded global entropy
-``max(0, log S_min − H(mean_x p(x)))`` losses (ROUTERS.md §3) to the routers' auxiliary losses.
+``max(0, log S_min − H(mean_x p(x)))`` losses (docs/routers.md §3) to the routers' auxiliary losses.
 
 Legend: B batch, L text length, P image tokens per image (patches + class token), T tokens, D width,
 E experts, M modalities (0 image, 1 text).

@@ -1,4 +1,4 @@
-"""Auxiliary losses: the vmoe test vectors of ROUTERS.md §2, masking, per-group averaging, and the
+"""Auxiliary losses: the vmoe test vectors of docs/routers.md §2, masking, per-group averaging, and the
 values each balance loss takes at uniform routing."""
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _merged_reference(experts: Experts, x_GSD: torch.Tensor, merge_GE: torch.Ten
 
 
 def reference_output(layer: MoE, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """ROUTERS.md §1: x̃[g,e,c] = Σ_s D[g,s,e,c] x[g,s]; y[g,s] = Σ_{e,c} W[g,s,e,c] f_e(x̃[g,e,c]),
+    """docs/routers.md §1: x̃[g,e,c] = Σ_s D[g,s,e,c] x[g,s]; y[g,s] = Σ_{e,c} W[g,s,e,c] f_e(x̃[g,e,c]),
     each expert applied on its own with ``Experts.forward_expert``; plus the residual mix if any."""
     x_GSD, T = _padded_groups(x, routing)
     G, S, _ = x_GSD.shape

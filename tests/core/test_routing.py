@@ -1,4 +1,4 @@
-"""The Routing value and the two selection rules: the vmoe test vectors of ROUTERS.md §2, slot
+"""The Routing value and the two selection rules: the vmoe test vectors of docs/routers.md §2, slot
 positions, dense dispatch/combine, masks and eligibility."""
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_expert_choice_capacity_is_clipped_to_group_size():
 
 
 def test_dense_dispatch_combine_rebuilds_slot_inputs():
-    """x̃[g,e,c] = Σ_s D[g,s,e,c] x[g,s] is the token in that slot (ROUTERS.md §1)."""
+    """x̃[g,e,c] = Σ_s D[g,s,e,c] x[g,s] is the token in that slot (docs/routers.md §1)."""
     torch.manual_seed(0)
     G, S, E, D = 2, 5, 3, 4
     g = torch.rand(G, S, E).softmax(-1)

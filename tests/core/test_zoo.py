@@ -1,4 +1,4 @@
-"""The defining property of every router of the zoo (ROUTERS.md §4), LoRA experts, fine-grained
+"""The defining property of every router of the zoo (docs/routers.md §4), LoRA experts, fine-grained
 sizing and the losses added for them. The generic invariants (weights, indices, capacity, masks,
 gradients, layer = dense formulation) run over every config in tests/core/test_routers.py and
 test_moe.py; here each router's own rule is checked against its formula."""

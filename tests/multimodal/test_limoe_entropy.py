@@ -1,4 +1,4 @@
-"""LIMoE's per-modality entropy losses (Mustafa et al., NeurIPS 2022; ROUTERS.md §3): they reach the
+"""LIMoE's per-modality entropy losses (Mustafa et al., NeurIPS 2022; docs/routers.md §3): they reach the
 router weights, point the right way, and the global term spreads a collapsed modality over experts."""
 
 from __future__ import annotations
