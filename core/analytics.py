@@ -8,7 +8,19 @@ functions of ``Routing`` values (plus labels), so every domain can use them.
   information and the purity ``Σ_l n_l max_e q_l(e) / Σ_l n_l`` (OpenMoE's token-id specialisation);
 - routing stability between two routings (e.g. two checkpoints on the same tokens): the share of
   token ids whose modal top expert is unchanged;
-- null experts (AdaMoE): mean true experts per token and the FLOP ratio to top-K without nulls.
+- null experts (AdaMoE): mean true experts per token and the FLOP ratio to top-K without nulls;
+- representation collapse (Chi et al., "On the Representation Collapse of Sparse Mixture of
+  Experts", NeurIPS 2022, X-MoE): routing by dot products with E gate vectors pulls the gradient of a
+  token's representation into the span of those vectors, so representations drift towards a
+  subspace of dimension <= E. Measured on the tokens a layer routes: the share of their variance in
+  the span of the router's gate vectors, ``tr(P Σ)/tr(Σ)`` (isotropic tokens: rank/D), and the
+  effective rank ``exp H(λ/Σλ)`` of their covariance (Roy and Vetterli, EUSIPCO 2007), over D.
+
+The same analyses in every domain (``analyse_routing``, ``RoutingSnapshots``): the label of a token
+is what the domain offers, through ``labels`` providers (``position_labels``, ``example_labels``):
+the token id in nlp (OpenMoE's context-independent specialisation), the patch position and the
+image's class in vision, the position and the modality in multimodal; early routing learning
+compares the (first label × top expert) table of snapshots taken during training with the final one.
 
 ``RoutingRecorder`` accumulates the same quantities for every MoE layer of a model over many
 forwards (an evaluation pass) through forward hooks.
@@ -22,10 +34,12 @@ Legend: G groups, S tokens per group (positions), T = G·S tokens, E experts, L 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.engine import Callback
 from core.routing import Routing
 
 
@@ -272,7 +286,11 @@ class RoutingRecorder:
     layer of a model over many forwards, through forward hooks (no change to the model).
 
     Labels: ``recorder.labels = tensor`` (x.shape[:-1]) before a forward, e.g. the modality or task
-    of each token; when it is None, the ``token_ids`` passed to the layer are used (nlp).
+    of each token; when it is None, the ``token_ids`` passed to the layer are used (nlp). Several
+    labels: a dict ``{name: tensor or provider}``, a provider being ``f(layer, x) -> labels`` (or None
+    where it does not apply); ``summary`` then reports each under ``specialisation_by[name]`` (the
+    first also as ``specialisation``). ``collapse=True`` also accumulates each layer's token
+    covariance for ``representation_collapse``.
 
     Example::
 
@@ -283,11 +301,12 @@ class RoutingRecorder:
         rec.close()
     """
 
-    def __init__(self, model: nn.Module, choices_per_token: int | None = None, min_count: int = 1):
+    def __init__(self, model: nn.Module, choices_per_token: int | None = None, min_count: int = 1,
+                 collapse: bool = False):
         from core.moe import MoE  # the layer imports the routers; import late to keep this module light
 
-        self.labels: torch.Tensor | None = None
-        self.choices_per_token, self.min_count = choices_per_token, min_count
+        self.labels: torch.Tensor | dict | None = None
+        self.choices_per_token, self.min_count, self.collapse = choices_per_token, min_count, collapse
         self._state: dict[str, dict] = {}
         self._handles = []
         self._layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
@@ -303,6 +322,10 @@ class RoutingRecorder:
             labels = self.labels if self.labels is not None else kwargs.get("token_ids")
             if labels is None and len(args) > 2:
                 labels = args[2]
+            x = args[0] if args else kwargs.get("x")
+            if self.collapse and x is not None:
+                mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+                _accumulate_moments(st, module, x, mask)
             if not (routing.is_soft or routing.is_merged):
                 st["experts"] = st.get("experts", 0) + int(experts_per_token(routing)[valid_tokens(routing)].sum())
                 st["tokens"] = st.get("tokens", 0) + int(valid_tokens(routing).sum())
@@ -313,9 +336,12 @@ class RoutingRecorder:
                 if d_S is not None:
                     _accumulate(st, "dropped_S", d_S)
                     _accumulate(st, "valid_S", v_S)
-            if labels is not None:
-                counts = label_expert_counts(routing, labels.detach())
-                _accumulate(st, "counts_LE", counts)
+            named = labels if isinstance(labels, dict) else ({} if labels is None else {"label": labels})
+            for key, lab in named.items():
+                lab = lab(module, x) if callable(lab) else lab
+                if lab is None or lab.numel() != routing.num_tokens - _padding(routing, x):
+                    continue  # this label does not describe this layer's tokens
+                _accumulate(st.setdefault("counts_by", {}), key, label_expert_counts(routing, lab.detach()))
         return hook
 
     def summary(self) -> dict[str, dict]:
@@ -327,9 +353,14 @@ class RoutingRecorder:
                 rep["drop_rate_by_position"] = _binned_rate(st["dropped_S"], st["valid_S"], None).tolist()
             if st.get("tokens"):
                 rep["experts_per_token"] = st["experts"] / st["tokens"]
-            if "counts_LE" in st:
-                rep["specialisation"] = specialisation_from_counts(st["counts_LE"], self.min_count)
-                rep["counts_LE"] = st["counts_LE"]
+            if st.get("counts_by"):
+                rep["counts_by"] = dict(st["counts_by"])
+                rep["specialisation_by"] = {k: specialisation_from_counts(c, self.min_count)
+                                            for k, c in st["counts_by"].items()}
+                first = next(iter(st["counts_by"]))
+                rep["specialisation"], rep["counts_LE"] = rep["specialisation_by"][first], st["counts_by"][first]
+            if "xx_DD" in st:
+                rep["collapse"] = representation_collapse(st["xx_DD"], st["x_D"], st["n"], st.get("gate_ED"))
             out[name] = rep
         return out
 
@@ -340,6 +371,49 @@ class RoutingRecorder:
         for name, layer in self._layers:
             layer.keep_last_routing = self._state[name]["keep"]
         self._handles = []
+
+
+def _padding(routing: Routing, x: torch.Tensor | None) -> int:
+    """Tokens the layer added to fill a last partial group (not in x)."""
+    return 0 if x is None else routing.num_tokens - x.reshape(-1, x.shape[-1]).shape[0]
+
+
+def _accumulate_moments(state: dict, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Add the valid tokens' Σx xᵀ, Σx and count; keep the router's gate vectors (E×D) when it
+    scores tokens by dot products with them."""
+    x_TD = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    if mask is not None:
+        x_TD = x_TD[mask.reshape(-1).bool()]
+    _accumulate(state, "xx_DD", x_TD.T @ x_TD)
+    _accumulate(state, "x_D", x_TD.sum(0))
+    state["n"] = state.get("n", 0) + x_TD.shape[0]
+    w = getattr(getattr(layer, "router", None), "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[-1] == x_TD.shape[-1]:
+        state["gate_ED"] = w.detach().to("cpu", torch.float64).clone()
+
+
+def representation_collapse(xx_DD: torch.Tensor, x_D: torch.Tensor, n: int,
+                            gate_ED: torch.Tensor | None = None) -> dict[str, float]:
+    """X-MoE's representation collapse from a layer's token moments (see the module docstring):
+    ``effective_rank`` ``exp H(λ/Σλ)`` of the token covariance (λ its eigenvalues) and its ratio to
+    D; with gate vectors, ``gate_span_share`` ``tr(P Σ)/tr(Σ)`` (P the projection onto their span)
+    against ``gate_span_isotropic`` = rank/D, the share isotropic tokens would have."""
+    D = xx_DD.shape[0]
+    if n < 2:
+        return {"effective_rank": math.nan, "effective_rank_ratio": math.nan, "dim": D, "tokens": n}
+    mean = x_D / n
+    cov = (xx_DD - n * torch.outer(mean, mean)) / (n - 1)
+    lam = torch.linalg.eigvalsh(cov).clamp_min(0)
+    p = lam / lam.sum().clamp_min(1e-300)
+    erank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
+    out = {"effective_rank": erank, "effective_rank_ratio": erank / D, "dim": D, "tokens": n}
+    if gate_ED is not None:
+        q, r = torch.linalg.qr(gate_ED.T)  # D×E orthonormal basis of the gate vectors' span
+        rank = int((r.diagonal().abs() > 1e-9 * r.diagonal().abs().max().clamp_min(1e-300)).sum())
+        q = q[:, r.diagonal().abs() > 1e-9 * r.diagonal().abs().max().clamp_min(1e-300)]
+        out["gate_span_share"] = float(torch.trace(q.T @ cov @ q) / torch.trace(cov).clamp_min(1e-300))
+        out["gate_span_isotropic"] = rank / D
+    return out
 
 
 def _accumulate(state: dict, key: str, value: torch.Tensor) -> None:
@@ -355,3 +429,259 @@ def _accumulate(state: dict, key: str, value: torch.Tensor) -> None:
     elif value.shape[0] < old.shape[0]:
         value = torch.cat([value, value.new_zeros((old.shape[0] - value.shape[0],) + value.shape[1:])])
     state[key] = old + value
+
+
+# ---- labels a domain offers ----------------------------------------------------------------------
+
+def position_labels(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Label provider: each token's position in its sequence (dim −2 of the layer's input; the patch
+    position in vision, the token position in text)."""
+    if x.dim() < 3:
+        return torch.arange(x.shape[0], device=x.device)
+    S = x.shape[-2]
+    return torch.arange(S, device=x.device).expand(x.shape[:-1])
+
+
+def example_labels(values: torch.Tensor):
+    """Label provider: one label per example (``values[b]``, e.g. an image's class) for every token of
+    example b; None for a layer whose input does not start with the batch dimension."""
+    def provider(layer: nn.Module, x: torch.Tensor):
+        if x.dim() < 3 or x.shape[0] != values.shape[0]:
+            return None
+        shape = (values.shape[0],) + (1,) * (x.dim() - 2)
+        return values.to(x.device).reshape(shape).expand(x.shape[:-1])
+    return provider
+
+
+def constant_labels(attr: str, names: tuple[str, ...]):
+    """Label provider: the same label for every token of a layer, read from the layer's attribute
+    ``attr`` (e.g. ``modality`` of a CLIP tower's layers) as its index in ``names``; None without it."""
+    def provider(layer: nn.Module, x: torch.Tensor):
+        value = getattr(layer, attr, None)
+        if value not in names:
+            return None
+        return torch.full(x.shape[:-1], names.index(value), dtype=torch.long, device=x.device)
+    return provider
+
+
+# ---- the analyses of a trained model (any domain) ------------------------------------------------
+
+class RoutingCapture:
+    """Context: eval mode, no routing statistics, a ``RoutingRecorder`` on every MoE layer; router
+    attributes may be changed for the duration (capacity factor and BPR for the drop-rate analysis)."""
+
+    def __init__(self, model: nn.Module, min_count: int = 1, collapse: bool = False, **router_attrs):
+        self.model, self.min_count, self.collapse, self.router_attrs = model, min_count, collapse, router_attrs
+
+    def __enter__(self) -> RoutingRecorder:
+        self.was_training = self.model.training
+        self.saved = []
+        for m in moe_layers(self.model):
+            self.saved.append((m, m.track_stats, {k: getattr(m.router, k) for k in self.router_attrs}))
+            m.track_stats = False
+            for k, v in self.router_attrs.items():
+                setattr(m.router, k, v)
+        self.model.eval()
+        self.recorder = RoutingRecorder(self.model, min_count=self.min_count, collapse=self.collapse)
+        return self.recorder
+
+    def __exit__(self, *exc):
+        self.recorder.close()
+        for m, track, old in self.saved:
+            m.track_stats, m.last_routing = track, None
+            for k, v in old.items():
+                setattr(m.router, k, v)
+        self.model.train(self.was_training)
+        return False
+
+
+def moe_layers(model: nn.Module) -> list:
+    from core.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _first_input_forward(model: nn.Module, batch) -> None:
+    """Default forward of the analyses: the model on a batch's first element (nlp: token ids)."""
+    device = next(model.parameters()).device
+    model(batch[0].to(device))
+
+
+@torch.no_grad()
+def record_routing(model: nn.Module, batches, max_batches: int, min_count: int = 1, forward=None, labels=None,
+                   collapse: bool = False, **router_attrs) -> list[dict]:
+    """Per MoE layer, ``RoutingRecorder``'s summary over the first ``max_batches`` batches.
+
+    Args:
+        forward: ``(model, batch) -> None`` runs the model on a batch (default: on ``batch[0]``).
+        labels: ``batch -> {name: tensor or provider}`` (None: the token ids the layers receive).
+        collapse: also the representation-collapse measure.
+        router_attrs: router attributes set for the duration (``capacity_factor=1.0``).
+    """
+    forward = forward or _first_input_forward
+    with RoutingCapture(model, min_count, collapse, **router_attrs) as rec:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            rec.labels = labels(batch) if labels is not None else None
+            forward(model, batch)
+        summary = rec.summary()
+    return list(summary.values())
+
+
+def drop_summary(layers: list[dict]) -> dict | None:
+    """Drop rate by position averaged over layers: per position, and in the first and last quarter."""
+    rates = [r["drop_rate_by_position"] for r in layers if "drop_rate_by_position" in r]
+    if not rates:
+        return None
+    S = max(len(r) for r in rates)
+    rates_pad = [r + [math.nan] * (S - len(r)) for r in rates]
+    mean_S = torch.tensor(rates_pad, dtype=torch.float64).nanmean(0)
+    q = max(1, mean_S.numel() // 4)
+    return {"per_position": mean_S.tolist(), "per_layer": rates, "mean": float(mean_S.nanmean()),
+            "first_quarter": float(mean_S[:q].nanmean()), "last_quarter": float(mean_S[-q:].nanmean())}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _snapshot_tables(snap) -> list[dict]:
+    """A snapshot's per-layer tables as ``{label name: counts}`` (older snapshots: one table per layer)."""
+    return [t if isinstance(t, dict) else {None: t} for t in snap]
+
+
+def analyse_routing(model: nn.Module, batches, analysis_cfg, snapshots: dict | None = None, forward=None,
+                    labels=None, not_applicable: dict | None = None) -> dict:
+    """The routing analyses of a trained model in any domain (OpenMoE, Xue et al. 2024; X-MoE, Chi et al.
+    2022): specialisation by each label (``explained_by_<label>``, ``<label>_purity``), early routing
+    learning (``stability``: agreement of the first label's modal top expert between each snapshot and
+    the end), drop rate by position without and with BPR (at the router's capacity, or
+    ``analysis.capacity_factor`` for dropless routers), representation collapse per layer, and
+    AdaMoE's true experts per token. ``not_applicable`` ``{analysis: reason}`` is recorded as is.
+    What a router offers is read off its attributes, never its name."""
+    a = analysis_cfg
+    moes = moe_layers(model)
+    if not moes:
+        return {}
+    router = moes[0].router
+    layers = record_routing(model, batches, a.max_batches, a.min_token_count, forward, labels, collapse=True)
+    out: dict = {"experts_per_token_layers": [r.get("experts_per_token") for r in layers]}
+    names = list(next((r["specialisation_by"] for r in layers if "specialisation_by" in r), {}))
+    for name in names:
+        spec = [r.get("specialisation_by", {}).get(name) for r in layers]
+        present = [s for s in spec if s is not None]
+        key = "token_id" if name == "label" else name
+        if name == names[0]:
+            out["specialisation_layers"] = spec
+        out[f"explained_by_{key}"] = _mean([s["share"] for s in present])
+        out[f"{key}_purity"] = _mean([s["purity"] for s in present])
+        out[f"{key}_layers"] = len(present)
+    if names:
+        out["uniform_purity"] = 1.0 / router.num_experts
+    collapse = [r.get("collapse") for r in layers]
+    if any(c is not None for c in collapse):
+        out["representation_collapse"] = {
+            "layers": collapse,
+            "effective_rank_ratio": _mean([c["effective_rank_ratio"] for c in collapse if c]),
+            "gate_span_share": _mean([c.get("gate_span_share") for c in collapse if c]),
+            "gate_span_isotropic": _mean([c.get("gate_span_isotropic") for c in collapse if c])}
+    if snapshots and names:
+        final = [r.get("counts_by", {}) for r in layers]
+        out["stability"] = {}
+        for step, snap in sorted(snapshots.items()):
+            agree = []
+            for s, f in zip(_snapshot_tables(snap), final):
+                s_t = s.get(names[0], s.get(None))
+                agree.append(None if s_t is None or names[0] not in f else
+                             stability_from_counts(s_t, f[names[0]], a.min_token_count, weighted=True))
+            out["stability"][str(step)] = {"agreement": _mean(agree), "agreement_layers": agree}
+        out["stability_label"] = "token_id" if names[0] == "label" else names[0]
+    if hasattr(router, "capacity_factor"):
+        cf = router.capacity_factor if router.capacity_factor is not None else a.capacity_factor
+        drops: dict = {"capacity_factor": cf, "router_capacity_factor": router.capacity_factor}
+        variants = {"no_bpr": {"capacity_factor": cf}}
+        if hasattr(router, "batch_priority"):
+            variants = {"no_bpr": {"capacity_factor": cf, "batch_priority": False},
+                        "bpr": {"capacity_factor": cf, "batch_priority": True}}
+        for key, attrs in variants.items():
+            summary = drop_summary(record_routing(model, batches, a.max_batches, a.min_token_count, forward,
+                                                  labels, **attrs))
+            if summary is not None:
+                drops[key] = summary
+        out["drop_rate_by_position"] = drops
+    if hasattr(router, "num_null_experts"):
+        true_ept = _mean(out["experts_per_token_layers"])
+        out["null_experts"] = {
+            "num_null_experts": router.num_null_experts, "top_k": router.top_k,
+            "true_experts_per_token": true_ept, "true_experts_per_token_layers": out["experts_per_token_layers"],
+            "baseline_top_k": a.baseline_top_k,
+            "expert_flop_ratio_to_baseline": None if true_ept is None else true_ept / a.baseline_top_k,
+        }
+    if not_applicable:
+        out["not_applicable"] = dict(not_applicable)
+    return out
+
+
+def snapshot_steps(fractions, total_steps: int) -> list[int]:
+    """The optimizer steps before which ``RoutingSnapshots`` records: ``int(f·total)`` for 0 <= f < 1."""
+    return sorted({int(f * total_steps) for f in (fractions or []) if 0 <= f < 1})
+
+
+def plain(v):
+    """JSON fallback of ``analysis.json``: tensors as lists, anything else as text."""
+    return v.tolist() if torch.is_tensor(v) else str(v)
+
+
+def analysis_summary(analysis: dict) -> dict:
+    """The scalar part of ``analysis.json``, for ``metrics.json``."""
+    keys = [k for k in analysis if k.startswith("explained_by_") or k.endswith("_purity")]
+    out = {k: analysis.get(k) for k in keys}
+    if "stability" in analysis:
+        out["routing_agreement"] = {step: v["agreement"] for step, v in analysis["stability"].items()}
+    drops = analysis.get("drop_rate_by_position")
+    if drops:
+        out["drop_capacity_factor"] = drops["capacity_factor"]
+        for key in ("no_bpr", "bpr"):
+            if key in drops:
+                out[f"drop_rate_{key}"] = {k: drops[key][k] for k in ("mean", "first_quarter", "last_quarter")}
+    collapse = analysis.get("representation_collapse")
+    if collapse:
+        for k in ("effective_rank_ratio", "gate_span_share", "gate_span_isotropic"):
+            out[k] = collapse[k]
+    if "null_experts" in analysis:
+        out["true_experts_per_token"] = analysis["null_experts"]["true_experts_per_token"]
+        out["expert_flop_ratio_to_baseline"] = analysis["null_experts"]["expert_flop_ratio_to_baseline"]
+    return out
+
+
+class RoutingSnapshots(Callback):
+    """Records the (label × top expert) counts of every MoE layer before the chosen training steps,
+    for early routing learning (OpenMoE; Xue et al. 2024). Snapshots are saved in the run directory,
+    so a resumed run keeps the ones taken before it was killed.
+
+    Args:
+        steps: the optimizer steps before which to record.
+        batches: the batches to route (a validation loader).
+        max_batches: how many of them.
+        out_dir: the run directory (``routing_snapshots.pt``).
+        forward, labels: as ``record_routing``.
+    """
+
+    def __init__(self, steps: list[int], batches, max_batches: int, out_dir: Path, forward=None, labels=None):
+        self.steps, self.batches, self.max_batches = set(steps), batches, max_batches
+        self.forward, self.labels = forward, labels
+        self.path = Path(out_dir) / "routing_snapshots.pt"
+        self.snapshots: dict = torch.load(self.path) if self.path.exists() else {}
+
+    def on_step_start(self, trainer, model, state) -> None:
+        from core.distributed import is_main_process
+
+        if state.step in self.steps and state.step not in self.snapshots:
+            layers = record_routing(model, self.batches, self.max_batches, forward=self.forward, labels=self.labels)
+            self.snapshots[state.step] = [r.get("counts_by", {}) for r in layers]
+            if is_main_process():  # under torchrun every rank records the same snapshot
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                torch.save(self.snapshots, tmp)
+                tmp.replace(self.path)

@@ -31,6 +31,11 @@ budget tables only), then every table of every domain. ``compare.csv`` has one l
 table: ``domain, budget, configuration, router, metric, seeds, n, mean, std, ci95`` (the half-width),
 ``ci95_low, ci95_high``, the difference to the baseline and its interval, then the other metrics.
 ``compare_<domain>.png`` plots quality (95% interval as error bars) against training examples/s.
+
+Runs that wrote the routing analyses (``analysis.enabled``, ``core.analytics``) get one line each in
+a section "Routing analyses": the share of routing explained by each label (token id, patch position,
+class, modality), early routing learning (agreement of each snapshot with the end), drop rate in the
+first and last quarter of positions without BPR, and X-MoE's representation-collapse measure.
 """
 
 from __future__ import annotations
@@ -600,9 +605,40 @@ def report(runs: list[dict], title: str = "Router comparison", commands: list[st
         notes = _table_notes(t)
         if notes:
             parts += notes + [""]
+    analyses = analysis_table(runs)
+    if analyses is not None:
+        parts += ["## Routing analyses", "",
+                  "One line per run with `analysis.json` (`core.analytics`): explained by L = 1 − H(expert|L)/H(expert) "
+                  "of each layer's top expert, mean over layers; agreement: share of labels whose modal top "
+                  "expert at the snapshot step equals the final one (count-weighted); drops: share of tokens with a "
+                  "dropped choice in the first → last quarter of positions (no BPR); gate span: share of the routed "
+                  "tokens' variance in the span of the gate vectors (isotropic share in brackets); eff. rank / D.", "",
+                  to_markdown(*analyses)]
     if problems:
         parts += ["## Run directories not used", ""] + [f"- `{p}`: {reason}" for p, reason in problems] + [""]
     return "\n".join(parts)
+
+
+def analysis_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The routing analyses of every run that has them (``metrics.json``'s ``analysis``), or None."""
+    with_analysis = [r for r in runs if isinstance(r.get("analysis"), dict)]
+    if not with_analysis:
+        return None
+    header = ["domain", "configuration", "run", "explained by", "agreement (step)", "drops first → last",
+              "gate span", "eff. rank / D"]
+    rows = []
+    for r in sorted(with_analysis, key=lambda r: (r["domain"], row_label(r), r["_path"])):
+        a = r["analysis"]
+        explained = ", ".join(f"{k[len('explained_by_'):]} {_f(v, '{:.3f}')}" for k, v in a.items()
+                              if k.startswith("explained_by_") and v is not None) or NA
+        agree = ", ".join(f"{_f(v, '{:.2f}')} ({s})" for s, v in (a.get("routing_agreement") or {}).items()) or NA
+        drop = a.get("drop_rate_no_bpr")
+        drops = f"{_f(drop['first_quarter'], '{:.3f}')} → {_f(drop['last_quarter'], '{:.3f}')}" if drop else NA
+        span = (f"{_f(a['gate_span_share'], '{:.3f}')} [{_f(a.get('gate_span_isotropic'), '{:.3f}')}]"
+                if a.get("gate_span_share") is not None else NA)
+        erank = _f(a["effective_rank_ratio"], "{:.3f}") if a.get("effective_rank_ratio") is not None else NA
+        rows.append([r["domain"], row_label(r), Path(r["_path"]).name, explained, agree, drops, span, erank])
+    return header, rows
 
 
 def to_markdown(header: list[str], rows: list[list[str]]) -> str:

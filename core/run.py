@@ -69,7 +69,7 @@ from core.validate import check_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_ERROR_EXIT", "NONFINITE_EXIT", "Task", "TaskRun", "check_config", "command_line", "is_multirun",
+__all__ = ["AnalysisInputs", "CONFIG_ERROR_EXIT", "NONFINITE_EXIT", "Task", "TaskRun", "check_config", "command_line", "is_multirun",
            "prepare", "router_label", "run", "summary", "task_class", "task_classes", "task_paths", "train",
            "with_default_router"]
 
@@ -108,6 +108,24 @@ class TaskRun:
     callbacks: list = dataclasses.field(default_factory=list)
     count_examples: Callable[[Any], int] = batch_size_of
     state: Any = None
+
+
+@dataclasses.dataclass
+class AnalysisInputs:
+    """What the routing analyses of ``core.analytics`` route (``Task.analysis_inputs``).
+
+    Args:
+        batches: the batches (an evaluation loader; the first ``analysis.max_batches`` are used).
+        forward: ``(model, batch) -> None`` (default: the model on ``batch[0]``).
+        labels: ``batch -> {name: tensor or provider}`` (``core.analytics.position_labels``, ...);
+            None: the token ids the MoE layers receive.
+        not_applicable: ``{analysis: reason}`` for what the domain cannot offer, recorded as is.
+    """
+
+    batches: Any
+    forward: Callable | None = None
+    labels: Callable | None = None
+    not_applicable: dict = dataclasses.field(default_factory=dict)
 
 
 class Task:
@@ -161,6 +179,11 @@ class Task:
 
     def finish(self, cfg: DictConfig, task_run: TaskRun, metrics: dict) -> None:
         """Add the domain's own metrics to ``metrics`` in place, before ``metrics.json`` is written."""
+
+    def analysis_inputs(self, cfg: DictConfig, task_run: TaskRun) -> AnalysisInputs | None:
+        """What the routing analyses route when ``analysis.enabled`` (``analysis.json``, and the
+        scalars in ``metrics.json``'s ``analysis``); None: the domain offers none."""
+        return None
 
     def summary(self, metrics: Mapping) -> list[str]:
         """The domain's lines of the printed summary (quality first)."""
@@ -297,6 +320,7 @@ def prepare(cfg: DictConfig, task: Task) -> Prepared:
         data = task.load_data(cfg)
         seed_everything(int(cfg.seed))
         task_run = task.build(cfg, data)
+        _add_routing_snapshots(cfg, task, task_run, out_dir)
         _check_training_memory(task_run.model, cfg, trainer_cfg.device)
         info = {"domain": task.name, "router": router_label(cfg, task_run.model, task, default),
                 **task_run.info, "metric": task.metric, "higher_is_better": task.higher_is_better}
@@ -334,6 +358,53 @@ class _Finish(Callback):
     def on_fit_end(self, trainer, model, metrics) -> None:
         p = self.prepared
         p.task.finish(p.cfg, p.task_run, metrics)
+        _routing_analyses(p.cfg, p.task, p.task_run, metrics)
+
+
+def _analysis(cfg: DictConfig, task: Task, task_run: TaskRun):
+    """``(analysis config, AnalysisInputs)`` when the run's analyses are on and it has MoE layers."""
+    from core.analytics import moe_layers
+
+    a = cfg.get("analysis")
+    if not a or not a.get("enabled") or not moe_layers(task_run.model):
+        return None, None
+    inputs = task.analysis_inputs(cfg, task_run)
+    return (a, inputs) if inputs is not None else (None, None)
+
+
+def _add_routing_snapshots(cfg: DictConfig, task: Task, task_run: TaskRun, out_dir: Path) -> None:
+    """The early-routing-learning snapshots (``analysis.snapshot_fractions`` of the training steps)."""
+    from core.analytics import RoutingSnapshots, snapshot_steps
+
+    a, inputs = _analysis(cfg, task, task_run)
+    if a is None:
+        return
+    total = cfg.trainer.max_epochs * len(task_run.train_loader)
+    if cfg.trainer.get("max_steps") is not None:
+        total = min(total, cfg.trainer.max_steps)
+    steps = snapshot_steps(a.get("snapshot_fractions"), total)
+    if steps:
+        task_run.callbacks.append(RoutingSnapshots(steps, inputs.batches, a.max_batches, out_dir, inputs.forward,
+                                                   inputs.labels))
+
+
+def _routing_analyses(cfg: DictConfig, task: Task, task_run: TaskRun, metrics: dict) -> None:
+    """``core.analytics.analyse_routing`` at the end of training: ``analysis.json`` in the run
+    directory and its scalars in ``metrics["analysis"]``."""
+    import json
+
+    from core.analytics import RoutingSnapshots, analyse_routing, analysis_summary, plain
+
+    a, inputs = _analysis(cfg, task, task_run)
+    if a is None:
+        return
+    snaps = next((c.snapshots for c in task_run.callbacks if isinstance(c, RoutingSnapshots)), None)
+    analysis = analyse_routing(task_run.model, inputs.batches, a, snaps, inputs.forward, inputs.labels,
+                               inputs.not_applicable)
+    if is_main_process():
+        write_text_atomic(run_dir(cfg.get("output_dir")) / "analysis.json",
+                          json.dumps(analysis, indent=2, default=plain) + "\n")
+    metrics["analysis"] = analysis_summary(analysis)
 
 
 def fit(p: Prepared) -> dict:

@@ -13,11 +13,13 @@ the zero-shot accuracy; a sweeper minimises the held-out contrastive loss (``val
 from __future__ import annotations
 
 import hydra
+import torch
 import open_clip
 from omegaconf import DictConfig
 
 from core.checks import ConfigError
-from core.run import Task, TaskRun, command_line, run
+from core.analytics import position_labels
+from core.run import AnalysisInputs, Task, TaskRun, command_line, run
 from core.runs import hydra_choice
 from multimodal.data import build_data
 from multimodal.training import build_loaders, clip_loss, context_length, is_moe, make_evaluate, validate_config
@@ -59,6 +61,21 @@ class MultimodalTask(Task):
         return TaskRun(model, train_loader, eval_loaders, clip_loss,
                        make_evaluate(tokenizer, data.class_names, data.templates), info)
 
+    def analysis_inputs(self, cfg: DictConfig, task_run: TaskRun) -> AnalysisInputs:
+        """The routing analyses on the validation pairs: a token's label is its position (patch or text
+        position) and, in LIMoE's shared layers, its modality. A CLIP-MoE layer sits in one tower and
+        sees one modality, so modality is n/a there."""
+        def forward(model, batch):
+            device = next(model.parameters()).device
+            model(batch["image"].to(device), batch["text"].to(device))
+
+        def labels(batch):
+            return {"position": _stream_labels(batch, "position"), "modality": _stream_labels(batch, "modality")}
+
+        towers = sorted({getattr(m, "modality", None) for m in task_run.model.modules() if hasattr(m, "modality")})
+        na = {"modality": f"each MoE layer sits in one tower ({', '.join(towers)}) and sees one modality"} if towers else {}
+        return AnalysisInputs(task_run.eval_loaders["val"], forward, labels, na)
+
     def summary(self, metrics) -> list[str]:
         def fmt(key, scale=100.0, spec=".1f", unit="%"):
             return "n/a" if metrics.get(key) is None else f"{scale * metrics[key]:{spec}}{unit}"
@@ -76,6 +93,27 @@ class MultimodalTask(Task):
     def objective(self, metrics) -> float:
         """The held-out contrastive loss (what a sweeper minimises)."""
         return metrics.get("val_loss", float("nan"))
+
+
+def _stream_labels(batch: dict, kind: str):
+    """Label provider of the multimodal analyses: in a tower's layer (one modality), the position along
+    the sequence (``position``) or nothing (``modality``); in LIMoE's shared layers, whose one sequence
+    is every image's patches then every caption's tokens, the patch position p (0..P-1) or P + the
+    text position, and the modality (0 image, 1 text)."""
+    text = batch["text"]
+
+    def provider(layer, x):
+        if hasattr(layer, "modality"):
+            return position_labels(layer, x) if kind == "position" else None
+        T, n_txt = x.shape[-2], text.numel()
+        n_img = T - n_txt
+        if x.dim() != 3 or x.shape[0] != 1 or n_img < 0 or n_img % text.shape[0]:
+            return None
+        if kind == "modality":
+            return torch.cat([torch.zeros(n_img, dtype=torch.long), torch.ones(n_txt, dtype=torch.long)])[None]
+        P = n_img // text.shape[0]
+        return torch.cat([torch.arange(n_img) % P, P + torch.arange(n_txt) % text.shape[1]])[None]
+    return provider
 
 
 @hydra.main(config_path="pkg://conf/multimodal", config_name="train", version_base="1.3")

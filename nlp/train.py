@@ -2,7 +2,7 @@
 
 The domain's part of a run (``core.run``): a text corpus cut into blocks (``nlp.data``), the
 decoder-only LM (``nlp.models``), next-token cross-entropy, and validation loss, perplexity and bits
-per token; after training, the routing analyses of ``nlp.analysis`` go to ``analysis.json`` and
+per token; after training, the routing analyses of ``core.analytics`` go to ``analysis.json`` and
 their scalars to ``metrics.json``. ``python -m nlp.train`` trains the tiny default (Mixtral-style
 top-2 in every block) on the WordNet glosses; ``+router=adamoe`` swaps the router,
 ``model.moe_layers=none`` gives the dense baseline, ``data.path=book.txt`` any UTF-8 text.
@@ -15,7 +15,6 @@ checkpoint's tokenizer when ``data.tokenizer`` names one), when its routers are 
 
 from __future__ import annotations
 
-import json
 import logging
 
 import hydra
@@ -24,9 +23,8 @@ from omegaconf import DictConfig
 from core.distributed import is_main_process
 from core.engine import TensorLoader
 from core.lora_experts import LoRAExperts
-from core.run import Task, TaskRun, command_line, run
+from core.run import AnalysisInputs, Task, TaskRun, command_line, run
 from core.runs import hydra_choice, run_dir
-from nlp.analysis import RoutingSnapshots, analyse_routing, analysis_summary, plain
 from nlp.data import build_datasets
 from nlp.models import MoETransformerLM, NonCausalRoutingError
 from nlp.training import HF_TARGET, build_model, lm_evaluate, lm_loss, validate_config
@@ -53,7 +51,7 @@ class LanguageModelTask(Task):
 
     def build(self, cfg: DictConfig, data) -> TaskRun:
         tokenizer, train_set, val_set = data
-        d, a = cfg.data, cfg.analysis
+        d = cfg.data
         train_loader = TensorLoader(train_set.tensors(), d.batch_size, shuffle=True,
                                     drop_last=len(train_set) >= d.batch_size)
         val_loader = TensorLoader(val_set.tensors(), d.eval_batch_size or d.batch_size)
@@ -62,13 +60,13 @@ class LanguageModelTask(Task):
                 "moe_layers": model.moe_layers, "num_experts": cfg.model.num_experts if model.moe_layers else 0,
                 "dataset": d.path or "wordnet_glosses", "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
                 "seq_len": d.seq_len, "train_tokens": len(train_set) * d.seq_len, "val_tokens": len(val_set) * d.seq_len}
-        callbacks = []
-        total = _total_steps(cfg.trainer, len(train_loader))
-        snap_steps = sorted({int(f * total) for f in (a.snapshot_fractions or []) if 0 <= f < 1})
-        if a.enabled and model.moe_layers and snap_steps:
-            callbacks.append(RoutingSnapshots(snap_steps, val_loader, a.max_batches, _output_dir(cfg)))
-        return TaskRun(model, train_loader, {"val": val_loader}, lm_loss, lm_evaluate, info, callbacks,
+        return TaskRun(model, train_loader, {"val": val_loader}, lm_loss, lm_evaluate, info,
                        state={"tokenizer": tokenizer})
+
+    def analysis_inputs(self, cfg: DictConfig, task_run: TaskRun) -> AnalysisInputs:
+        """The routing analyses on the validation blocks; a token's label is its token id (OpenMoE's
+        context-independent specialisation)."""
+        return AnalysisInputs(task_run.eval_loaders["val"])
 
     def router_label(self, name: str, model: MoETransformerLM) -> str:
         """`` (lora experts)`` for LoRA expert banks; `` (non-causal)`` when the routing sees later tokens."""
@@ -89,13 +87,6 @@ class LanguageModelTask(Task):
         metrics["val_tokens_per_s"] = metrics.get("val_examples_per_s", 0.0) * seq_len
         if metrics.get("flops_per_example") is not None:
             metrics["flops_per_token"] = metrics["flops_per_example"] / seq_len
-        if cfg.analysis.enabled and model.moe_layers:
-            snaps = next((c.snapshots for c in task_run.callbacks if isinstance(c, RoutingSnapshots)), None)
-            analysis = analyse_routing(model, task_run.eval_loaders["val"], cfg.analysis, snaps)
-            if is_main_process():
-                out = _output_dir(cfg) / "analysis.json"
-                out.write_text(json.dumps(analysis, indent=2, default=plain) + "\n")
-            metrics["analysis"] = analysis_summary(analysis)
 
     def summary(self, metrics) -> list[str]:
         lines = [f"  validation      loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.3f}, "
@@ -125,11 +116,6 @@ def save_hf_dir(model, directory, tokenizer=None):
         tokenizer.save_pretrained(out)
     log.info("Hugging Face directory written: %s (transformers.AutoModelForCausalLM.from_pretrained loads it)", out)
     return out
-
-
-def _total_steps(trainer, steps_per_epoch: int) -> int:
-    total = trainer.max_epochs * steps_per_epoch
-    return total if trainer.max_steps is None else min(total, trainer.max_steps)
 
 
 def _output_dir(cfg: DictConfig):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from core.run import Task, TaskRun, command_line, run
+from core.analytics import example_labels, position_labels
+from core.run import AnalysisInputs, Task, TaskRun, command_line, run
 from vision.data import build_loaders, load_dataset
 from vision.training import build_model, classification_loss, evaluate_classifier, validate_config
 
@@ -38,6 +39,15 @@ class VisionTask(Task):
                 "num_experts": m.num_experts if m.moe else 0, "dataset": d.name,
                 "train_examples": train_loader.num_examples, "test_examples": test_loader.num_examples}
         return TaskRun(model, train_loader, {"test": test_loader}, classification_loss, evaluate_classifier, info)
+
+    def analysis_inputs(self, cfg: DictConfig, task_run: TaskRun) -> AnalysisInputs:
+        """The routing analyses on the test images: a token's label is its patch position (and its
+        image's class)."""
+        def forward(model, batch):
+            model(batch[0].to(next(model.parameters()).device))
+
+        return AnalysisInputs(task_run.eval_loaders["test"], forward,
+                              lambda batch: {"position": position_labels, "class": example_labels(batch[1])})
 
     def summary(self, metrics) -> list[str]:
         return [f"  test accuracy   {100 * metrics['test_acc']:.2f}%  (test loss {metrics['test_loss']:.4f})"]
