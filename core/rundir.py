@@ -35,7 +35,7 @@ SAFE_TO_CHANGE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.resume", "trainer.eval_every_epochs",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.checkpoint_every_steps", "trainer.progress",
     "trainer.save_model", "trainer.device", "trainer.expert_parallel", "sharding", "threads", "output_dir",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "logger", "plots",
 )
 # what a run leaves in its directory (Hydra's own .hydra/ and the log are not a run's work)
 RUN_FILES = ("checkpoints/last.ckpt", "checkpoints/prev.ckpt", "history.jsonl", "metrics.json")

@@ -1,6 +1,6 @@
 """The config layout: one root per domain (``conf/<domain>/train.yaml`` and its groups ``model/``,
 ``data/``, ``debug/``, ``experiment/``), the shared groups at the top of ``conf/`` (``router/``,
-``trainer/``, ``hydra/``, ``shared/``) found through ``hydra.searchpath``.
+``trainer/``, ``logger/``, ``hydra/``, ``shared/``) found through ``hydra.searchpath``.
 
 Every primary and every experiment composes in its domain; a model of another domain is refused by
 Hydra with the domain's own options; no file is an alias or an empty placeholder; what the domains
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR, DOMAINS, compose
 
 REPO = CONF_DIR.parent
-SHARED_GROUPS = ("router", "trainer", "hydra", "shared")
+SHARED_GROUPS = ("router", "trainer", "logger", "hydra", "shared")
 ROUTERS = "topk,mixtral,expert_choice,soft"
 # conf/router/ files are public router names (+router=<name>); this one is the router study's name for
 # topk and reads topk's values through its defaults list.
@@ -76,6 +76,7 @@ def test_primary_searches_the_shared_groups_and_writes_under_its_domain(domain):
     assert cfg.hydra.run.dir.startswith(f"outputs/{domain}/") and cfg.hydra.sweep.dir.startswith(f"multirun/{domain}/")
     choices = cfg.hydra.runtime.choices
     assert choices.debug is None and choices.experiment is None and choices.trainer == "default"
+    assert set(cfg.logger) == {"csv"}       # a list default (logger=[csv,tensorboard]): not in choices
     assert "router" not in choices and cfg.get("router") is None     # +router=<name> adds it
 
 
