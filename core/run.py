@@ -277,11 +277,14 @@ class Prepared:
 def check_config(cfg: DictConfig, task: Task):
     """The checks of a run before any data is read: the default router put in place, the task's
     checks, then seed, threads, the trainer keys and the keys added with ``+key=value`` on the command
-    line (``core.overrides``: a misspelled one is refused, not ignored); returns the ``TrainerConfig``."""
+    line (``core.overrides``: a misspelled one is refused, not ignored) and the ``logger`` backends
+    (``core.tracking``: a missing package is refused); returns the ``TrainerConfig``."""
     from core.overrides import check_hydra_overrides
+    from core.tracking import check_logger
 
     with_default_router(cfg)
     check_hydra_overrides(cfg)
+    check_logger(cfg.get("logger"))
     num_experts = task.validate(cfg)
     if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
         raise ConfigError("seed", cfg.get("seed"), "it must be an integer")
@@ -409,11 +412,21 @@ def _routing_analyses(cfg: DictConfig, task: Task, task_run: TaskRun, metrics: d
 
 def fit(p: Prepared) -> dict:
     """Train a prepared run; returns the metrics written to ``metrics.json``."""
+    from core.tracking import build_tracking
+
     r = p.task_run
+    tracking = build_tracking(p.cfg.get("logger"), p.trainer.run_config, r.evaluate, r.eval_loaders, r.state)
     try:
-        return p.trainer.fit(r.model, r.train_loader, r.loss_fn, r.evaluate, eval_loaders=dict(r.eval_loaders),
-                             count_examples=r.count_examples, callbacks=[*r.callbacks, _Finish(p)])
+        metrics = p.trainer.fit(r.model, r.train_loader, r.loss_fn, r.evaluate, eval_loaders=dict(r.eval_loaders),
+                                count_examples=r.count_examples, callbacks=[*r.callbacks, tracking, _Finish(p)])
+        if p.cfg.get("plots") and p.trainer.is_main:
+            from core.plots import draw_run
+
+            for path in draw_run(p.trainer.out_dir):
+                log.info("figure written: %s", path)
+        return metrics
     finally:
+        tracking.close()
         if p.restore_threads is not None:
             torch.set_num_threads(p.restore_threads)
         if p.lock is not None:
