@@ -21,6 +21,9 @@ is what the domain offers, through ``labels`` providers (``position_labels``, ``
 the token id in nlp (OpenMoE's context-independent specialisation), the patch position and the
 image's class in vision, the position and the modality in multimodal; early routing learning
 compares the (first label × top expert) table of snapshots taken during training with the final one.
+Recsys offers none: an example is one token routed once by each task's gate, so it has no position
+(no drop rate by position, no positional specialisation), and the task is not a label of the tokens
+one gate routes but the choice of gate (its gates are routers, not ``core.MoE`` layers).
 
 ``RoutingRecorder`` accumulates the same quantities for every MoE layer of a model over many
 forwards (an evaluation pass) through forward hooks.
