@@ -1,4 +1,4 @@
-"""Routing analytics beyond the per-layer counters of ``core.routing_stats`` (ROUTERS.md §5), as
+"""Routing analytics beyond the per-layer counters of ``core.routing_stats`` (docs/routers.md §5), as
 functions of ``Routing`` values (plus labels), so every domain can use them.
 
 - drop rate by position in the sequence: the share of tokens at position s with at least one

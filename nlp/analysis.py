@@ -1,4 +1,4 @@
-"""The routing analyses of a trained language model (ROUTERS.md §5), written to ``analysis.json``.
+"""The routing analyses of a trained language model (docs/routers.md §5), written to ``analysis.json``.
 
 They are ``core.analytics``' analyses of every domain (``analyse_routing``, ``RoutingSnapshots``),
 run by ``core.run`` when ``analysis.enabled``; in nlp a token's label is its token id:
