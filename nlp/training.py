@@ -122,6 +122,7 @@ def validate_config(cfg: DictConfig) -> int | None:
 
         return validate_hf_model(cfg)
     _check_architecture(m)
+    _check_activation_memory(cfg)
     moe = m.get("moe_layers", "all") not in ("none", None) and m.get("moe_layers") != []
     if not moe:
         return None
@@ -137,6 +138,32 @@ def validate_config(cfg: DictConfig) -> int | None:
             raise ConfigError("model.num_experts", m.num_experts, err.allowed) from None
         raise
     return m.num_experts
+
+
+def activation_bytes(batch_size: int, seq_len: int, dim: int, depth: int, mlp_ratio: float,
+                     vocab_size: int = 259) -> int:
+    """A lower bound on the float32 activations one training step keeps for the backward pass: per
+    token and block at least the residual input, two normalised inputs, the attention output and the
+    FFN's hidden layer ((4 + mlp_ratio)·dim floats); per token the logits and their log-softmax
+    (2·vocab). Attention scores are not counted (fused attention need not keep them), so a run this
+    refuses could never fit."""
+    per_token = depth * (4 + mlp_ratio) * dim + 2 * vocab_size
+    return int(4 * batch_size * seq_len * per_token)
+
+
+def _check_activation_memory(cfg: DictConfig) -> None:
+    """A batch whose activations alone exceed the machine's memory is refused naming ``data.seq_len``
+    (or ``data.batch_size``) with the estimate, before the corpus is read or the model built."""
+    from core.engine import resolve_device
+    from core.memory import check_allocation
+
+    m, d = cfg.model, cfg.data
+    if not all(isinstance(m.get(k), int) for k in ("dim", "depth")):
+        return
+    need = activation_bytes(d.batch_size, d.seq_len, m.dim, m.depth, float(m.get("mlp_ratio") or 4.0))
+    key, value = ("data.seq_len", d.seq_len) if d.seq_len >= d.batch_size else ("data.batch_size", d.batch_size)
+    check_allocation(need, f"the activations of one training batch ({d.batch_size} sequences of {d.seq_len} tokens, "
+                     f"at least)", key, value, device=str(resolve_device(cfg.trainer.get("device", "auto"))))
 
 
 def _check_architecture(m: DictConfig) -> None:

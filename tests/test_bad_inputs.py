@@ -446,3 +446,19 @@ def test_an_unreadable_image_names_the_file_and_data_root(tmp_path):
         (tmp_path / split / "cat" / "a.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ConfigError, match=r"data.root=.* is not allowed: .*/train/cat/a.jpg is not an image that PIL"):
         load_imagefolder(tmp_path, 8)
+
+
+@pytest.mark.parametrize("override, key", [("data.seq_len=100000000", "data.seq_len=100000000"),
+                                           ("data.batch_size=10000000", "data.batch_size=10000000")])
+def test_an_lm_batch_whose_activations_cannot_fit_is_refused_with_its_estimate(override, key):
+    cfg = compose("nlp", "debug=default", override)
+    with pytest.raises(ValueError, match=rf"{key} is not allowed: the activations of one training batch .* would "
+                                         r"need [\d.]+ TiB, and this machine has"):
+        check_config(cfg, task_class("nlp")())
+
+
+def test_activation_estimate_counts_blocks_and_logits():
+    from nlp.training import activation_bytes
+
+    assert activation_bytes(2, 3, dim=10, depth=1, mlp_ratio=4.0, vocab_size=5) == 4 * 2 * 3 * (8 * 10 + 10)
+    assert activation_bytes(2, 6, 10, 2, 4.0) == 2 * activation_bytes(2, 3, 10, 2, 4.0)
