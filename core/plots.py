@@ -279,7 +279,7 @@ def _text_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
 
 
 def _modality_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
-    layers = {n: l for n, l in sample["layers"].items() if l.get("modality")}
+    layers = sample["layers"]
     names = list(layers)
     E = max(l["num_experts"] for l in layers.values())
     cmap = _expert_cmap(E)
@@ -294,7 +294,7 @@ def _modality_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
             if share[e] > 0.06:
                 ax.text(left + share[e] / 2, r, f"{share[e]:.0%}", ha="center", va="center", fontsize=8)
             left += share[e]
-    ax.set_yticks(range(len(names)), [f"{layers[n]['modality']}: {n}" for n in names])
+    ax.set_yticks(range(len(names)), [f"{layers[n].get('modality', 'all tokens')}: {n}" for n in names])
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="share of the layer's tokens whose top expert is e")
     return _with_legend(fig, E, f"Routing by modality (one evaluation batch)\n{_title(metrics)}", path, bottom=0.08)
@@ -324,11 +324,13 @@ def token_expert_map(sample: dict, metrics: dict, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     layers = sample.get("layers") or {}
-    if layers and "images" in sample and all(l.get("modality", "image") == "image" for l in layers.values()):
+    # one row per example: the layer saw the batch's images as (B, tokens, D), not one flat group
+    per_image = bool(layers) and all(l["shape"][0] == len(sample.get("images", [])) for l in layers.values())
+    if per_image and all(l.get("modality", "image") == "image" for l in layers.values()):
         return _image_map(sample, metrics, path, plt)
     if layers and sample.get("tokens"):
         return _text_map(sample, metrics, path, plt)
-    if layers and any(l.get("modality") for l in layers.values()):
+    if layers:   # towers by modality (CLIP-MoE); a flat joint group (LIMoE) shows as "all tokens"
         return _modality_map(sample, metrics, path, plt)
     if sample.get("gates"):
         return _gate_map(sample, metrics, path, plt)
@@ -350,7 +352,7 @@ def drop_rate_by_position(sample: dict, analysis: dict, metrics: dict, path: Pat
         note = f"capacity factor {cf}" + ("" if own is not None else " set by the analysis: the router is dropless")
     else:
         for name, layer in (sample.get("layers") or {}).items():
-            if "dropped" in layer:
+            if "dropped" in layer and layer["shape"][0] > 1:   # positions of examples, not of one flat group
                 curves[name] = np.asarray(layer["dropped"], dtype=float).mean(0).tolist()
         note = "one evaluation batch"
     if not curves:

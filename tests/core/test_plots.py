@@ -87,3 +87,12 @@ def test_task_gates_without_positions_have_no_drop_figure(tmp_path):
                     {"layers": {}, "gates": {"g0": [[0.7, 0.3], [0.6, 0.4]], "g1": [[0.1, 0.9], [0.2, 0.8]]}})
     names = [p.name for p in draw_run(run, tmp_path / "out")]
     assert names == ["learning_curves.png", "expert_load.png", "token_expert_map.png"]
+
+
+def test_a_flat_joint_group_gets_expert_shares_and_no_positions(tmp_path):
+    """LIMoE routes a batch's image and text tokens as one flat group: no patch grid, no positions."""
+    flat = {"shape": [1, 6], "num_experts": 2, "top_expert": [[0, 1, 1, 0, 1, 1]], "dropped": [[0, 0, 1, 0, 0, 1]]}
+    run = _fake_run(tmp_path, {}, {"layers": {"transformer.resblocks.1.mlp": flat}, "gates": {},
+                                   "images": [[[[0.0, 1.0], [1.0, 0.0]]]] * 2})
+    names = [p.name for p in draw_run(run)]
+    assert names == ["learning_curves.png", "expert_load.png", "token_expert_map.png"]
