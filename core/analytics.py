@@ -14,7 +14,10 @@ functions of ``Routing`` values (plus labels), so every domain can use them.
   token's representation into the span of those vectors, so representations drift towards a
   subspace of dimension <= E. Measured on the tokens a layer routes: the share of their variance in
   the span of the router's gate vectors, ``tr(P Σ)/tr(Σ)`` (isotropic tokens: rank/D), and the
-  effective rank ``exp H(λ/Σλ)`` of their covariance (Roy and Vetterli, EUSIPCO 2007), over D.
+  effective rank ``exp H(λ/Σλ)`` of their covariance (Roy and Vetterli, EUSIPCO 2007), over D;
+- LocMoE's capacity lower bound (Li et al., IJCAI 2024; ``core.routers.locmoe``) for any router
+  that scores by gate vectors: δ, the largest angle between a routed token and its expert's gate
+  vector, gives ``C_min = ⌈S·A_D(δ)⌉`` for S tokens per group, next to the router's own capacity.
 
 The same analyses in every domain (``analyse_routing``, ``RoutingSnapshots``): the label of a token
 is what the domain offers, through ``labels`` providers (``position_labels``, ``example_labels``):
@@ -329,6 +332,7 @@ class RoutingRecorder:
             if self.collapse and x is not None:
                 mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
                 _accumulate_moments(st, module, x, mask)
+                _max_angle(st, module, x, routing)
             if not (routing.is_soft or routing.is_merged):
                 st["experts"] = st.get("experts", 0) + int(experts_per_token(routing)[valid_tokens(routing)].sum())
                 st["tokens"] = st.get("tokens", 0) + int(valid_tokens(routing).sum())
@@ -364,6 +368,8 @@ class RoutingRecorder:
                 rep["specialisation"], rep["counts_LE"] = rep["specialisation_by"][first], st["counts_by"][first]
             if "xx_DD" in st:
                 rep["collapse"] = representation_collapse(st["xx_DD"], st["x_D"], st["n"], st.get("gate_ED"))
+            if "max_angle" in st:
+                rep["capacity_bound"] = capacity_bound(st["max_angle"], st["group_size"], st["dim"], st.get("capacity"))
             out[name] = rep
         return out
 
@@ -393,6 +399,32 @@ def _accumulate_moments(state: dict, layer: nn.Module, x: torch.Tensor, mask: to
     w = getattr(getattr(layer, "router", None), "weight", None)
     if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[-1] == x_TD.shape[-1]:
         state["gate_ED"] = w.detach().to("cpu", torch.float64).clone()
+
+
+def _max_angle(state: dict, layer: nn.Module, x: torch.Tensor, routing: Routing) -> None:
+    """Keep the largest token–gate angle of the layer's sparse routings (and its group size and capacity)."""
+    from core.routers.locmoe import max_angular_deviation
+
+    gate = state.get("gate_ED")
+    if gate is None or routing.is_soft or routing.is_merged:
+        return
+    x_TD = x.detach().reshape(-1, x.shape[-1])
+    keep = routing.token_idx_N < x_TD.shape[0]  # assignments of padding tokens (none) left out
+    angle = float(max_angular_deviation(x_TD, gate.to(x_TD.device), routing.token_idx_N[keep],
+                                        routing.expert_idx_N[keep]))
+    state["max_angle"] = max(state.get("max_angle", 0.0), angle)
+    state["group_size"], state["dim"] = routing.group_size, x_TD.shape[-1]
+    capacity = getattr(getattr(layer, "router", None), "capacity", None)
+    state["capacity"] = capacity(routing.group_size) if callable(capacity) else None
+
+
+def capacity_bound(max_angle: float, group_size: int, dim: int, capacity: int | None = None) -> dict:
+    """LocMoE's ``C_min = ⌈S·A_D(δ)⌉`` for S = ``group_size`` tokens of width D whose largest angle to their
+    expert's gate vector is δ = ``max_angle``, with the router's ``capacity`` (None: dropless) for comparison."""
+    from core.routers.locmoe import capacity_lower_bound
+
+    return {"max_angle": max_angle, "group_size": group_size, "dim": dim,
+            "lower_bound": capacity_lower_bound(group_size, dim, max_angle), "router_capacity": capacity}
 
 
 def representation_collapse(xx_DD: torch.Tensor, x_D: torch.Tensor, n: int,
@@ -590,6 +622,12 @@ def analyse_routing(model: nn.Module, batches, analysis_cfg, snapshots: dict | N
             "effective_rank_ratio": _mean([c["effective_rank_ratio"] for c in collapse if c]),
             "gate_span_share": _mean([c.get("gate_span_share") for c in collapse if c]),
             "gate_span_isotropic": _mean([c.get("gate_span_isotropic") for c in collapse if c])}
+    bounds = [r.get("capacity_bound") for r in layers]
+    if any(b is not None for b in bounds):
+        out["capacity_bound"] = {"layers": bounds,
+                                 "lower_bound_share": _mean([b["lower_bound"] / b["group_size"] for b in bounds if b]),
+                                 "router_capacity_share": _mean([b["router_capacity"] / b["group_size"] for b in bounds
+                                                                 if b and b["router_capacity"] is not None])}
     if snapshots and names:
         final = [r.get("counts_by", {}) for r in layers]
         out["stability"] = {}
@@ -649,6 +687,10 @@ def analysis_summary(analysis: dict) -> dict:
         for key in ("no_bpr", "bpr"):
             if key in drops:
                 out[f"drop_rate_{key}"] = {k: drops[key][k] for k in ("mean", "first_quarter", "last_quarter")}
+    bound = analysis.get("capacity_bound")
+    if bound:
+        out["capacity_lower_bound_share"] = bound["lower_bound_share"]
+        out["router_capacity_share"] = bound["router_capacity_share"]
     collapse = analysis.get("representation_collapse")
     if collapse:
         for k in ("effective_rank_ratio", "gate_span_share", "gate_span_isotropic"):

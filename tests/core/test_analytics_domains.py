@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -126,3 +127,26 @@ def test_compare_lists_the_routing_analyses(tmp_path):
     assert "position 0.360" in section and "0.75 (3)" in section and "0.000 → 0.350" in section
     assert "0.060 [0.125]" in section and section.count("| vision |") == 1  # run b has no analyses
     assert "## Routing analyses" not in report([r for r in runs if "analysis" not in r])
+
+
+def test_capacity_bound_is_locmoes_formula_on_the_recorded_angle():
+    from core.routers.locmoe import capacity_lower_bound
+
+    torch.manual_seed(0)
+    D, E, S = 8, 4, 6
+    layer = MoE(D, 8, num_experts=E, router=functools.partial(TopKRouter, top_k=1, capacity_factor=2.0,
+                                                              noise_std=0.0))
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(D)[:E])  # orthonormal gate vectors
+    on_gates = torch.eye(D)[[0, 1, 2, 3, 0, 1]][None] * 5.0  # every token is its expert's gate vector
+    with analytics.RoutingCapture(layer, collapse=True) as rec:
+        layer(on_gates)
+        bound = rec.summary()[""]["capacity_bound"]
+    assert bound["max_angle"] == pytest.approx(0.0, abs=1e-3) and bound["lower_bound"] == 0
+    assert bound["router_capacity"] == layer.router.capacity(S) and bound["group_size"] == S
+    tilted = on_gates + torch.zeros(D).index_fill(0, torch.tensor([6]), 5.0)  # 45° off every gate
+    with analytics.RoutingCapture(layer, collapse=True) as rec:
+        layer(tilted)
+        bound = rec.summary()[""]["capacity_bound"]
+    assert bound["max_angle"] == pytest.approx(math.pi / 4, abs=1e-4)
+    assert bound["lower_bound"] == capacity_lower_bound(S, D, math.pi / 4) > 0
