@@ -95,7 +95,8 @@ def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "rou
     cls = check_target(f"{key}._target_", node._target_, Router, choices)
     counts = [num_experts] if isinstance(num_experts, int) else list(num_experts)
     name = cls.__name__
-    check_applicable(cls, token_ids=token_ids, where=f"{domain or 'this domain'}'s inputs", key=key)
+    check_applicable(cls, token_ids=token_ids, where=f"{domain or 'this domain'}'s inputs", key=key,
+                     sequences=seq_len is not None)
     if expert_parallel and not cls.supports_expert_parallel:
         raise NotApplicableError("trainer.expert_parallel", True, f"{name} lets every token meet every expert, "
                                  "so its experts cannot live on different ranks; pick a sparse router "

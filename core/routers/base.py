@@ -120,6 +120,10 @@ class Router(nn.Module):
     - ``routes_by_position``: a token's routing depends on its position in its group, not only on
       the token (so a KV-cached decoder, which routes each new token in a group of its own, cannot
       reproduce it: ``nlp.models.incremental_routing_problem``);
+    - ``routes_segments``: its groups are consecutive segments of one sequence, each routed by the one
+      before (Lory), so it needs a domain whose examples are sequences (``routing_group_size``); where
+      a group is a whole example (an image, a caption) an example would be routed by its batch
+      neighbour, and the router is not applicable;
     - ``check_group_size(S)``: the routing group sizes it accepts (BASE: a multiple of E);
     - ``routing_group_size(seq_len)``: the group size it needs inside a sequence (Lory: a segment),
       or None for the caller's choice.
@@ -144,6 +148,7 @@ class Router(nn.Module):
     supports_expert_parallel: bool = True
     mixes_tokens: bool = False
     routes_by_position: bool = False
+    routes_segments: bool = False
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
@@ -309,10 +314,17 @@ def select_expert_choice(
     )
 
 
-def check_applicable(router: Router | type[Router], *, token_ids: bool, where: str, key: str = "router") -> None:
+def check_applicable(router: Router | type[Router], *, token_ids: bool, where: str, key: str = "router",
+                     sequences: bool = False) -> None:
     """Refuse a router whose needs the model cannot meet: ``NotApplicableError`` naming the router when
-    it routes by token id and ``where`` (e.g. "image patches") has no token ids to give it."""
+    it routes by token id and ``where`` (e.g. "image patches") has no token ids to give it, or when it
+    routes segments of a sequence (``routes_segments``) and the model's groups are whole examples
+    (``sequences=False``)."""
     cls = router if isinstance(router, type) else type(router)
+    if cls.routes_segments and not sequences:
+        raise NotApplicableError(key, cls.__name__, f"{cls.__name__} routes each segment of a sequence by the segment "
+                                 f"before it, and {where} are not sequences cut into segments (an example would be "
+                                 "routed by its neighbour in the batch); use it in nlp, or pick another router")
     if cls.needs_token_ids and not token_ids:
         raise NotApplicableError(key, cls.__name__, f"{cls.__name__} needs token ids (it routes by token id), "
                                  f"and {where} have none; use a learned router (e.g. +router=topk)")

@@ -34,6 +34,7 @@ class LoryRouter(Router):
     """
 
     family = "merging"
+    routes_segments = True
     token_local = False
     supports_expert_parallel = False
     mixes_tokens = True

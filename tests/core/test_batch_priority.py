@@ -51,7 +51,7 @@ def test_batch_priority_changes_dropped_tokens_or_is_refused(router_name):
     if not _accepts(router_name, "batch_priority"):
         with pytest.raises(ConfigError, match=r"router\.batch_priority=True is not allowed: \w+Router has no such "
                                               r"parameter"):
-            check_router(_node(router_name, batch_priority=True), E, domain="nlp", token_ids=True)
+            check_router(_node(router_name, batch_priority=True), E, domain="nlp", token_ids=True, seq_len=64)
         return
     assert _accepts(router_name, "capacity_factor"), f"{router_name}: BPR without a capacity cannot act"
     vanilla, dropped = _assignments(router_name, False, x_GSD)

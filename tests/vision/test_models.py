@@ -114,13 +114,13 @@ def test_a_router_that_needs_token_ids_is_refused():
 
 def test_every_router_trains_a_tiny_vmoe(router_name, make_router):
     """Each conf/router/*.yaml builds a tiny V-MoE whose loss falls on a fixed batch (or, for
-    routers that need token ids, is refused with a clear message)."""
+    routers that need token ids or sequences cut into segments, is refused with a clear message)."""
     torch.manual_seed(0)
     kwargs = dict(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_experts=4)
     partial = make_router(router_name)
     probe = partial(dim=32, num_experts=4)
-    if probe.needs_token_ids:
-        with pytest.raises(ValueError, match="needs token ids"):
+    if probe.needs_token_ids or probe.routes_segments:
+        with pytest.raises(ValueError, match="needs token ids|not sequences cut into segments"):
             timm.create_model("vmoe_tiny_patch4_28", router=partial, **kwargs)
         return
     model = timm.create_model("vmoe_tiny_patch4_28", router=partial, **kwargs)
