@@ -12,6 +12,7 @@ import functools
 import importlib
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -177,9 +178,17 @@ def test_the_wheel_installs_and_trains_each_domain_outside_the_repo(tmp_path):
     """Build the wheel, install it into a new venv (torch from the local wheel store as the Makefile
     does, the rest from the package index) and run ``moe-<domain>-train debug=default`` from a
     directory outside the repository. Needs the network (or a populated pip cache) and minutes."""
-    wheel_dir, venv, work = tmp_path / "wheel", tmp_path / "venv", tmp_path / "work"
+    wheel_dir, venv, work, src = tmp_path / "wheel", tmp_path / "venv", tmp_path / "work", tmp_path / "src"
     work.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w",
+    # built from a copy: setuptools leaves build/ and *.egg-info in the tree it builds
+    top_level = {"outputs", "multirun", "data", "build", "dist", "bench_results"}
+
+    def ignored(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n.startswith(".") or n.endswith(".egg-info") or n == "__pycache__"
+                or (Path(folder) == REPO and n in top_level)}
+
+    shutil.copytree(REPO, src, ignore=ignored)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w",
                     str(wheel_dir)], check=True, cwd=tmp_path)
     wheel = next(wheel_dir.glob("moe_suite-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
