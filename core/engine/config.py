@@ -50,6 +50,12 @@ class TrainerConfig:
         expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
             (``core.distributed.shard_experts``); False: every rank holds every expert (plain data
             parallelism). No effect in one process.
+        optimizer: ``adamw`` (the suite's AdamW: no decay on biases, norms and scalars) or any name of
+            timm's ``create_optimizer_v2`` (``timm.optim.list_optimizers()``: sgd, lamb, lion, ...), built
+            with ``lr``, ``weight_decay`` and, where the optimizer takes them, ``betas`` and ``eps``.
+        scheduler: ``warmup_cosine`` (linear warmup, then cosine to ``min_lr``) or a schedule of timm's
+            ``create_scheduler_v2`` (cosine, tanh, step, multistep, poly, constant, rsqrt) stepped every
+            optimizer step over the run, with the same warmup and ``min_lr``.
         compile: compile the model with ``torch.compile`` (``nn.Module.compile``: in place, so the state
             dict, checkpoints and ``model.pt`` keep the uncompiled model's keys).
     """
@@ -77,6 +83,8 @@ class TrainerConfig:
     save_model: bool = True
     expert_parallel: bool = False
     compile: bool = False
+    optimizer: str = "adamw"
+    scheduler: str = "warmup_cosine"
 
     def __post_init__(self):
         check_int("trainer.max_epochs", self.max_epochs, 1)
@@ -115,6 +123,10 @@ class TrainerConfig:
         for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")
+        from core.engine.optim import check_optimizer_name, check_scheduler_name  # timm only when asked
+
+        check_optimizer_name(self.optimizer)
+        check_scheduler_name(self.scheduler)
         v = self.max_skipped_fraction
         if not _is_number(v) or not 0 <= v <= 1:
             raise ValueError(f"trainer.max_skipped_fraction={v!r} is not allowed: a number in [0, 1] (the largest "
