@@ -600,7 +600,9 @@ class Experts(nn.Module):
         """Rows of ``x_ND`` sorted by expert, ``counts_E`` rows each; ``expert_idx_N`` (the sorted
         expert ids) is needed only with biases. Returns N×O (grouped matmul, or the loop)."""
         use_grouped = self.impl in ("grouped", "chunked") or (self.impl == "auto" and self.grouped_ok(x_ND))
-        if not use_grouped or x_ND.shape[0] == 0 or not self.grouped_ok(x_ND):
+        # under torch.compile grouped_mm's shape function accepts bf16 only (the CPU kernel also fp32)
+        compiled_fp32 = torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16
+        if not use_grouped or x_ND.shape[0] == 0 or not self.grouped_ok(x_ND) or compiled_fp32:
             return self.forward_loop(x_ND, counts_E)
         x_ND = x_ND.contiguous()
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)

@@ -74,6 +74,19 @@ def test_fused_engines_compile_in_one_graph_and_match_eager(impl, glu):
         torch.testing.assert_close(compiled(x, token_N, expert_N, weight_N), y_eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_composed_engine_compiles_in_fp32(impl):
+    """Experts the fused function cannot run (a norm layer: sort, gather, ``forward``, scatter under
+    autograd) compile in fp32 too, where grouped_mm's shape function takes bf16 only."""
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32, norm_layer=torch.nn.LayerNorm, impl=impl)
+    token_N, expert_N, weight_N = _routing(T=24, E=4, K=2)
+    x = torch.randn(24, 16)
+    want = experts.forward_routed(x, token_N, expert_N, weight_N)
+    got = torch.compile(experts.forward_routed, backend="aot_eager")(x, token_N, expert_N, weight_N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _vmoe(impl: str = "auto") -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(compose("vision", "debug=default", f"model.expert_impl={impl}"), DIGITS)
