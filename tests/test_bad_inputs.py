@@ -242,7 +242,7 @@ def test_a_router_refuses_other_bad_values(name, key, value, allowed):
 
 def test_every_router_config_still_builds():
     for name in router_names():
-        check_router(router_config(name), 4, key="router", token_ids=True)
+        check_router(router_config(name), 4, key="router", token_ids=True, seq_len=64)
 
 
 def test_capacity_factor_inf_is_one_line_exit_2_on_the_command_line(tmp_path):

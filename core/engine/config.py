@@ -123,8 +123,6 @@ class TrainerConfig:
         for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")
-        from core.engine.optim import check_optimizer_name, check_scheduler_name  # timm only when asked
-
         check_optimizer_name(self.optimizer)
         check_scheduler_name(self.scheduler)
         v = self.max_skipped_fraction
@@ -174,3 +172,24 @@ def resolve_device(device: str) -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.device={device!r} is not allowed here: no CUDA device is available; use auto or cpu.")
     return torch.device(device)
+
+
+TIMM_SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt")
+
+
+def check_optimizer_name(name: str) -> None:
+    """``adamw`` or an optimizer timm's ``create_optimizer_v2`` knows; ``ValueError`` listing them."""
+    if name == "adamw":
+        return
+    import timm.optim
+
+    known = timm.optim.list_optimizers()
+    if not isinstance(name, str) or name.lower() not in known:
+        raise ValueError(f"trainer.optimizer={name!r} is not allowed: use adamw (the default) or one of timm's "
+                         f"optimizers: {', '.join(known)}.")
+
+
+def check_scheduler_name(name: str) -> None:
+    if name != "warmup_cosine" and name not in TIMM_SCHEDULES:
+        raise ValueError(f"trainer.scheduler={name!r} is not allowed: use warmup_cosine (the default) or one of "
+                         f"timm's schedules: {', '.join(TIMM_SCHEDULES)}.")

@@ -18,27 +18,6 @@ from torch import nn
 from core.engine.config import TrainerConfig
 
 
-TIMM_SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt")
-
-
-def check_optimizer_name(name: str) -> None:
-    """``adamw`` or an optimizer timm's ``create_optimizer_v2`` knows; ``ValueError`` listing them."""
-    if name == "adamw":
-        return
-    import timm.optim
-
-    known = timm.optim.list_optimizers()
-    if not isinstance(name, str) or name.lower() not in known:
-        raise ValueError(f"trainer.optimizer={name!r} is not allowed: use adamw (the default) or one of timm's "
-                         f"optimizers: {', '.join(known)}.")
-
-
-def check_scheduler_name(name: str) -> None:
-    if name != "warmup_cosine" and name not in TIMM_SCHEDULES:
-        raise ValueError(f"trainer.scheduler={name!r} is not allowed: use warmup_cosine (the default) or one of "
-                         f"timm's schedules: {', '.join(TIMM_SCHEDULES)}.")
-
-
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW with decay on weight matrices only: biases, norm scales, scalars (Soft MoE's scale) and
     the model's ``no_weight_decay()`` names (timm: position embedding, class token) are not decayed.
