@@ -262,3 +262,36 @@ def test_killed_nlp_run_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["steps"] == 60
     assert {k: resumed[k] for k in NLP_FINAL} == {k: ref[k] for k in NLP_FINAL}
+
+
+_VOLATILE = ("_per_s", "time_s", "finished_at", "machine", "resume", "run_dir")
+
+
+def _comparable(metrics: dict) -> dict:
+    """The metrics a resumed run must reproduce: everything but timings, dates and the machine."""
+    return {k: v for k, v in metrics.items() if not any(word in k for word in _VOLATILE)}
+
+
+@pytest.mark.parametrize("domain, args", [
+    ("recsys", ["debug=default", "trainer.max_epochs=3", "trainer.checkpoint_every_steps=4"]),
+    ("multimodal", ["debug=default", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=6"]),
+])
+def test_killed_run_resumes_to_the_uninterrupted_result_in_recsys_and_multimodal(tmp_path, domain, args):
+    """SIGKILL ``python -m <domain>.train`` once its first in-epoch checkpoint exists; ``trainer.resume=true``
+    in the same run directory ends with every metric of a run that was never interrupted (vision and nlp:
+    tests/vision/test_train.py and the test above)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    cmd = [sys.executable, "-m", f"{domain}.train", *args]
+    ref = subprocess.run(cmd + [f"hydra.run.dir={ref_dir}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ckpt = kill_at_first_checkpoint(cmd + [f"hydra.run.dir={run_dir}"], run_dir, env)
+    assert 0 < load_checkpoint(ckpt)["state"]["step"]
+    res = subprocess.run(cmd + [f"hydra.run.dir={run_dir}", "trainer.resume=true"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = json.loads((ref_dir / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert a["steps"] == b["steps"] and a[a["metric"]] == b[b["metric"]]
+    assert _comparable(b) == _comparable(a)
