@@ -25,6 +25,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -253,11 +254,15 @@ def _image_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
     return _with_legend(fig, E, title, path, bottom=0.05)
 
 
-def _text_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
+def _sample_layers(sample: dict) -> tuple[dict, list[str], int, Any]:
+    """A routing sample's layers, their names, the most experts any has, and one colour per expert."""
     layers = sample["layers"]
-    names = list(layers)
     E = max(l["num_experts"] for l in layers.values())
-    cmap = _expert_cmap(E)
+    return layers, list(layers), E, _expert_cmap(E)
+
+
+def _text_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
+    layers, names, E, cmap = _sample_layers(sample)
     seqs = min(3, len(sample["tokens"]))
     width = min(40, len(sample["tokens"][0]))
     fig, axes = plt.subplots(seqs, 1, figsize=(0.36 * width + 2, (0.42 * len(names) + 0.9) * seqs + 0.6), squeeze=False)
@@ -279,10 +284,7 @@ def _text_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
 
 
 def _modality_map(sample: dict, metrics: dict, path: Path, plt) -> Path | None:
-    layers = sample["layers"]
-    names = list(layers)
-    E = max(l["num_experts"] for l in layers.values())
-    cmap = _expert_cmap(E)
+    layers, names, E, cmap = _sample_layers(sample)
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.8))
     for r, name in enumerate(names):
         top = np.asarray(layers[name]["top_expert"]).ravel()
