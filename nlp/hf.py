@@ -20,9 +20,15 @@ the ``mlp`` of every decoder layer:
 
 ``router=`` (a ``router(dim=D, num_experts=E)`` partial, as ``+router=<name>`` gives) replaces the
 router of every MoE layer; a new router whose gate is a ``weight`` of E (or more) rows starts from
-the trained gate (AdaMoE, Zeng et al. 2024: the n true experts' rows copied, the m null rows drawn
-from N(0, initializer_range²) as the authors' code gets them; DeepSeek's bias starts at zero;
-Switch/GShard/top-k copy it).
+the trained gate (DeepSeek's bias starts at zero; Switch/GShard/top-k copy it). AdaMoE (Zeng et al.
+2024) keeps the n true experts' rows and, by default (``null_router_init="copy"``), gives the m null
+experts copies of them, null row j = trained row j mod n: the authors' Mixtral code
+(github.com/CengZihao/AdaMoE, ``exp_2/.../model/loader.py``) builds the null gate ``gate2`` and then
+sets it to ``gate.weight.repeat(m // 8, 1)``. Every true logit then appears 1 + m/n times, so a
+token's top-K holds its best expert's copies and copies of the next; which copy of a tied logit is
+taken is ``torch.topk``'s choice, so before fine-tuning a token uses one or two true experts.
+``null_router_init="normal"`` draws the null rows from N(0, initializer_range²) instead (a freshly
+initialised ``nn.Linear`` in transformers: null logits near 0).
 
 ``save_hf(model, dir)`` writes a Hugging Face directory (``save_pretrained``) that
 ``AutoModelForCausalLM`` loads with the same logits: a loaded model whose routers still follow the
@@ -202,12 +208,17 @@ def _upcycled(mlp: nn.Module, config, num_experts: int, router) -> HFMoEBlock:
     return HFMoEBlock(moe, source=None)
 
 
-def swap_router(moe: MoE, make_router: Callable[..., Router], extra_rows_std: float | None = None) -> Router:
+NULL_ROUTER_INITS = ("copy", "normal")  # load_hf_lm(null_router_init=...): AdaMoE's null gate rows
+
+
+def swap_router(moe: MoE, make_router: Callable[..., Router], extra_rows: str | float | None = None) -> Router:
     """Give ``moe`` the router ``make_router(dim=D, num_experts=E)``; a new gate ``weight`` with at
-    least E rows starts from the old one's rows. Extra rows (AdaMoE's null experts) are drawn from
-    N(0, extra_rows_std²) when it is given (the AdaMoE authors' code adds the null gate as a new
-    ``nn.Linear`` that transformers initialises with N(0, initializer_range²): null logits start near
-    0), else keep the new router's initialisation."""
+    least E rows starts from the old one's rows. Extra rows (AdaMoE's null experts): ``"copy"`` tiles
+    the old rows (row E + j = old row j mod E, the AdaMoE authors' ``gate.weight.repeat``); a number
+    σ draws them from N(0, σ²); None keeps the new router's initialisation."""
+    if not (extra_rows is None or extra_rows == "copy" or
+            (isinstance(extra_rows, (int, float)) and not isinstance(extra_rows, bool) and extra_rows >= 0)):
+        raise ValueError(f"extra_rows={extra_rows!r} is not allowed: use 'copy', a standard deviation >= 0 or None.")
     old = moe.router
     new = make_router if isinstance(make_router, Router) else make_router(dim=moe.in_features,
                                                                           num_experts=moe.num_experts)
@@ -217,8 +228,11 @@ def swap_router(moe: MoE, make_router: Callable[..., Router], extra_rows_std: fl
         with torch.no_grad():
             E = w_old.shape[0]
             w_new[:E].copy_(w_old.to(w_new.dtype))
-            if extra_rows_std is not None and w_new.shape[0] > E:
-                w_new[E:].normal_(0.0, float(extra_rows_std))
+            X = w_new.shape[0]
+            if extra_rows == "copy" and X > E:
+                w_new[E:].copy_(w_old.to(w_new.dtype).repeat((X - 1) // E, 1)[:X - E])
+            elif extra_rows is not None and X > E:
+                w_new[E:].normal_(0.0, float(extra_rows))
     if isinstance(w_old, torch.Tensor):
         new = new.to(w_old.device)
     moe.router = new
@@ -306,7 +320,7 @@ class HFCausalLM(nn.Module):
 def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int | None = None,
                router: Callable[..., Router] | None = None, vocab_size: int | None = None,
                max_seq_len: int | None = None, dtype: str = "float32", allow_noncausal_routing: bool = False,
-               save_hf: bool = True, **ignored) -> HFCausalLM:
+               save_hf: bool = True, null_router_init: str = "copy", **ignored) -> HFCausalLM:
     """Load a local Hugging Face causal LM with core MoE FFNs (see the module docstring).
 
     Args:
@@ -319,6 +333,9 @@ def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int 
         max_seq_len: the run's sequence length.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto`` (the checkpoint's).
         allow_noncausal_routing: accept a router that sees later tokens.
+        null_router_init: the gate rows ``router`` has beyond the checkpoint's E (AdaMoE's null
+            experts): ``"copy"`` (the trained rows repeated, the AdaMoE authors' code) or ``"normal"``
+            (N(0, initializer_range²)).
         save_hf: not read here: ``nlp.train`` writes ``<run dir>/hf/`` at the end of a run when true.
         **ignored: the suite model's shape keys (``dim``, ``depth``, ``num_heads``... set by
             ``debug=default``): the checkpoint fixes the shape, so they are logged and not used.
@@ -345,13 +362,15 @@ def load_hf_lm(path: str | os.PathLike, upcycle: bool = False, num_experts: int 
     hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
     hf.eval()
     return convert_hf_model(hf, upcycle=upcycle, num_experts=num_experts, router=router, max_seq_len=max_seq_len,
-                            allow_noncausal_routing=allow_noncausal_routing)
+                            allow_noncausal_routing=allow_noncausal_routing, null_router_init=null_router_init)
 
 
 def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | None = None,
                      router: Callable[..., Router] | None = None, max_seq_len: int | None = None,
-                     allow_noncausal_routing: bool = False) -> HFCausalLM:
+                     allow_noncausal_routing: bool = False, null_router_init: str = "copy") -> HFCausalLM:
     """``load_hf_lm`` on a transformers model already in memory (its MLPs are replaced in place)."""
+    if null_router_init not in NULL_ROUTER_INITS:
+        raise ConfigError("model.null_router_init", null_router_init, f"use one of {', '.join(NULL_ROUTER_INITS)}")
     config = hf.config
     layers = getattr(getattr(hf, "model", None), "layers", None)
     if layers is None:
@@ -374,7 +393,8 @@ def convert_hf_model(hf: nn.Module, upcycle: bool = False, num_experts: int | No
     if router is not None:  # upcycled layers were built with it; the checkpoint's routers are replaced
         for _, block in model.layer_blocks():
             if block.source is not None:
-                swap_router(block.moe, router, getattr(config, "initializer_range", None))
+                swap_router(block.moe, router, "copy" if null_router_init == "copy"
+                            else float(getattr(config, "initializer_range", None) or 0.02))
     model.allow_noncausal_routing = bool(allow_noncausal_routing)
     model._check_causal_routing()
     return model
@@ -463,6 +483,8 @@ def validate_hf_model(cfg) -> int | None:
         if not isinstance(m.get(key, False), bool):
             raise ConfigError(f"model.{key}", m.get(key), "use true or false")
     check_int("model.num_experts", m.get("num_experts"), optional=True)
+    if m.get("null_router_init", "copy") not in NULL_ROUTER_INITS:
+        raise ConfigError("model.null_router_init", m.get("null_router_init"), f"use one of {', '.join(NULL_ROUTER_INITS)}")
     E = _num_experts(config) if config.model_type in SUPPORTED_MOE else 0
     if E:
         if m.get("num_experts") not in (None, E):

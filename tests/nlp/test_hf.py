@@ -127,7 +127,7 @@ def test_router_swap_starts_from_the_trained_gate(tmp_path):
     for old, new in zip(original.routers(), model.routers()):
         assert isinstance(new, AdaMoERouter) and new.weight.shape == (8, 32)
         torch.testing.assert_close(new.weight[:4], old.weight)
-        assert new.weight[4:].abs().max() < 0.15  # null rows ~ N(0, initializer_range=0.02): null logits near 0
+        torch.testing.assert_close(new.weight[4:], old.weight)  # null rows copy the gate (AdaMoE authors' code)
     with torch.no_grad():
         model(_ids())
     assert 0 < core.routing_stats(model)["experts_per_token"] < 4
