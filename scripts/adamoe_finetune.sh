@@ -60,9 +60,13 @@ ada = functools.partial(AdaMoERouter, num_null_experts=16, top_k=4, load_loss_we
 for name, kw in [("top-2", {}), ("adamoe (copy)", dict(router=ada)),
                  ("adamoe (normal)", dict(router=ada, null_router_init="normal"))]:
     model = load_hf_lm(f"{out}/mixtral_tiny_hf", max_seq_len=128, **kw).eval()
-    res = lm_evaluate(model, TensorLoader(val.tensors(), 64))
+    batches, ept = list(TensorLoader(val.tensors(), 64)), []
+    for batch in batches:  # true experts per token of each batch, averaged over tokens
+        lm_evaluate(model, [batch])
+        ept.append(core.routing_stats(model)["experts_per_token"] * batch[0].numel())
+    res = lm_evaluate(model, batches)
     print(f"{name:16s} before fine-tuning: val ppl {res['ppl']:.3f}, "
-          f"true experts/token {core.routing_stats(model)['experts_per_token']:.3f} (last batch)")
+          f"true experts/token {sum(ept) / sum(b[0].numel() for b in batches):.3f}")
 PYEOF
 
 # 6. The table: mean ± std, 95% t-interval over seeds, difference to top-2 paired by seed.
