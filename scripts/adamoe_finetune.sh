@@ -36,14 +36,16 @@ open(sys.argv[1], "wb").write(b[start:])
 print(f"{sys.argv[1]}: bytes {start}..{len(b)} of the glosses ({len(b) - start} bytes)")
 PYEOF
 
-# 4. Fine-tune, equal steps (experiment=adamoe_finetune: 300 steps of 16 x 128 tokens, lr 3e-4), two runs at a time.
-FT="$PY -m nlp.train -m experiment=adamoe_finetune model.path=$OUT/mixtral_tiny_hf data.path=$OUT/heldout.txt \
-  seed=$SEEDS hydra/launcher=parallel hydra.launcher.n_jobs=2"
+# 4. Fine-tune, equal steps (experiment=adamoe_finetune: 300 steps of 16 x 128 tokens, lr 3e-4), two runs at a
+#    time: the seeds of (a) and (b) side by side, then (c) with Hydra's joblib launcher.
+FT="$PY -m nlp.train -m experiment=adamoe_finetune model.path=$OUT/mixtral_tiny_hf data.path=$OUT/heldout.txt seed=$SEEDS"
 ADAMOE="+router=adamoe router.num_null_experts=16 router.top_k=4 router.load_loss_weight=4e-4"
-[ -d "$OUT/ft/top2" ] || $FT hydra.sweep.dir="$OUT/ft/top2"                         # (a) the checkpoint's top-2
-[ -d "$OUT/ft/adamoe" ] || $FT $ADAMOE hydra.sweep.dir="$OUT/ft/adamoe"             # (b) AdaMoE, null rows copied
-[ -d "$OUT/ft/adamoe_normal" ] ||                                                   # (c) AdaMoE, null rows ~ N(0, 0.02²)
-  $FT $ADAMOE model.null_router_init=normal hydra.sweep.dir="$OUT/ft/adamoe_normal"
+pids=()
+[ -d "$OUT/ft/top2" ] || { $FT hydra.sweep.dir="$OUT/ft/top2" & pids+=($!); }             # (a) the checkpoint's top-2
+[ -d "$OUT/ft/adamoe" ] || { $FT $ADAMOE hydra.sweep.dir="$OUT/ft/adamoe" & pids+=($!); } # (b) AdaMoE, null rows copied
+for p in "${pids[@]}"; do wait "$p"; done
+[ -d "$OUT/ft/adamoe_normal" ] ||                                                         # (c) AdaMoE, null rows ~ N(0, 0.02²)
+  $FT $ADAMOE model.null_router_init=normal hydra.sweep.dir="$OUT/ft/adamoe_normal" hydra/launcher=parallel hydra.launcher.n_jobs=2
 
 # 5. Before fine-tuning: each arm's validation perplexity and true experts per token at conversion.
 $PY - "$OUT" <<'PYEOF'
