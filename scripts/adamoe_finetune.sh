@@ -75,3 +75,24 @@ PYEOF
 python -m core.compare "$OUT/ft" --out "$OUT/compare" --baseline "checkpoint (mixtral)" \
   --title "AdaMoE fine-tuning of a suite-pretrained Mixtral" \
   --command "scripts/adamoe_finetune.sh"
+
+# 7. True experts per token and FLOPs against top-2, per arm (mean ± std, 95% t-interval over seeds).
+python - "$OUT/ft" <<'PYEOF'
+import json, sys
+from pathlib import Path
+from core.compare import Stat
+runs = {}
+for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
+    runs.setdefault(f.parent.parent.name, []).append(json.loads(f.read_text()))
+fmt = lambda s, p: f"{s.mean:.{p}f} ± {s.std:.{p}f} [{s.mean - s.ci95:.{p}f}, {s.mean + s.ci95:.{p}f}]" if s.n > 1 \
+    else f"{s.mean:.{p}f}"
+base = Stat([m["flops_per_token"] for m in runs.get("top2", [])])
+print("| arm | n | val ppl | true experts / token | expert FLOPs / top-2 | model FLOPs / token vs top-2 |")
+print("|---|---|---|---|---|---|")
+for arm, ms in runs.items():
+    ppl = Stat([m["val_ppl"] for m in ms])
+    ept = Stat([m["experts_per_token"] for m in ms])
+    ratio = Stat([m["experts_per_token"] / 2 for m in ms])
+    flops = Stat([m["flops_per_token"] / base.mean for m in ms]) if base.n else None
+    print(f"| {arm} | {ppl.n} | {fmt(ppl, 3)} | {fmt(ept, 3)} | {fmt(ratio, 3)} | {fmt(flops, 3) if flops else 'n/a'} |")
+PYEOF
