@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 __all__ = [
     "ConfigError", "NotApplicableError", "check_choice", "check_int", "check_number", "check_readable_dir",
-    "check_readable_file", "check_target", "locate", "to_config_error",
+    "check_readable_file", "check_target", "check_whole_groups", "locate", "to_config_error",
 ]
 
 # "name=value is not allowed: what is allowed" (core's message form), optionally "... is not allowed here: ..."
@@ -88,6 +88,18 @@ def check_choice(key: str, value: Any, choices: Iterable) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(key, value, f"use one of {choices}")
+
+
+def check_whole_groups(batch_key: str, batch: int, group_key: str, group: int, unit: str = "examples") -> None:
+    """Evaluation batches of ``batch`` examples that hold whole routing groups of ``group`` examples (a
+    model that cuts its batches into fixed groups): then the groups, and the outputs of routers that
+    decide over a group, are the same consecutive examples of a split at every evaluation batch size."""
+    check_int(group_key, group)
+    if batch % group:
+        fit = -(-batch // group) * group
+        raise ConfigError(batch_key, batch, f"evaluation batches must hold whole routing groups of {group_key}={group} "
+                          f"{unit}, or predictions would depend on the evaluation batch: use a multiple of "
+                          f"{group} (e.g. {fit}) or change {group_key}")
 
 
 def _given_path(key: str, path: Any, what: str, hint: str) -> Path:

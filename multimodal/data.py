@@ -247,10 +247,15 @@ def pair_loader(pairs: Pairs, batch_size: int, train: bool = False, routing_only
     """Batches ``{"image": B×3×H×W, "text": B×L}``; ``train``: shuffled, a caption drawn per image,
     last partial batch dropped (contrastive batches should be full); ``routing_only``: batches are
     marked for routing statistics only (pairs whose captions repeat, where retrieval is ill-posed),
-    and each image's caption is drawn as in training (reproducibly: the loader's generator is seeded
-    per batch), so the text routed has the training mix's templates in their training proportions."""
-    return TensorLoader((pairs.images, pairs.caption_idx), batch_size, shuffle=train, drop_last=train,
-                        transform=_ToPairBatch(pairs.tokens, draw=train or routing_only, routing_only=routing_only))
+    and each image's caption is drawn as in training, so the text routed has the training mix's
+    templates in their training proportions; drawn once per image (seeded), not per batch, so the
+    same captions are routed at every batch size."""
+    caption_idx, draw = pairs.caption_idx, train
+    if routing_only and not train:
+        col_N = torch.randint(0, caption_idx.shape[1], (len(pairs),), generator=torch.Generator().manual_seed(0))
+        caption_idx = caption_idx.gather(1, col_N[:, None])
+    return TensorLoader((pairs.images, caption_idx), batch_size, shuffle=train, drop_last=train,
+                        transform=_ToPairBatch(pairs.tokens, draw=draw, routing_only=routing_only))
 
 
 def labelled_loader(pairs: Pairs, batch_size: int) -> TensorLoader:

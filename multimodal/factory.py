@@ -15,7 +15,7 @@ add a ``moe_cfg`` object with the MoE settings, e.g. ``mm-clip-tiny-p4-32-MoE.js
 - ``arch: limoe``: a ``multimodal.models.LIMoE`` (one shared transformer; Mustafa et al., NeurIPS
   2022) whose sizes come from the JSON (``vision_cfg`` and ``text_cfg`` must agree on width, depth
   and heads: the transformer is shared); the other keys are LIMoE's (``moe_layers``,
-  ``local_entropy_weight``, ...). Its ``visual`` holds only what open_clip's transforms read
+  ``local_entropy_weight``, ``routing_group_size``: pairs per routing group, null the whole batch, ...). Its ``visual`` holds only what open_clip's transforms read
   (``ImagePreprocessing``), so ``create_model_and_transforms`` works too.
 
 Where the hook sits: open_clip passes the top-level keys of a model config (and the keyword

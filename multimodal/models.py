@@ -12,13 +12,26 @@ builds the model they describe (``multimodal.factory``).
 LIMoE (Mustafa et al., "Multimodal Contrastive Learning with LIMoE: the Language-Image Mixture of
 Experts", NeurIPS 2022): one shared transformer for image patches and text tokens, with
 modality-specific embeddings, final norms and projections. Attention runs per modality (full for
-images, causal for text, as in CLIP); each MoE layer routes the image and text tokens of the whole
-batch together in one group, so both modalities compete for the same experts. Training adds the
+images, causal for text, as in CLIP); each MoE layer routes the image and text tokens of a group of
+image-caption pairs together, so both modalities compete for the same experts. Training adds the
 per-modality local entropy ``mean_x H(p(x))`` and thresholded global entropy
-``max(0, log S_min − H(mean_x p(x)))`` losses (docs/routers.md §3) to the routers' auxiliary losses.
+``max(0, log S_min − H(mean_x p(x)))`` losses (docs/routers.md §3), per routing group, to the routers'
+auxiliary losses.
 
-Legend: B batch, L text length, P image tokens per image (patches + class token), T tokens, D width,
-E experts, M modalities (0 image, 1 text).
+LIMoE's routing groups. Expert choice, capacity limits, Soft MoE slots, BASE or SMEAR decide over a
+group of tokens; if the group were the batch, a pair's embeddings would depend on which pairs share
+its batch, and evaluation metrics on ``data.eval_batch_size``. So a batch is cut into consecutive
+groups of ``routing_group_size`` pairs (the run's config: ``data.batch_size``, so a training batch is
+one group), each group holding its pairs' image tokens, then their text tokens; a
+last partial group is padded with masked tokens up to the full size, so it routes alike whatever
+the batch it comes in. ``encode_image`` / ``encode_text`` form their groups the same way from one
+modality. An example's routing then depends only on its group: the consecutive block of
+``routing_group_size`` pairs of the split it falls in, as long as evaluation batches hold whole
+groups (``multimodal.training`` refuses an ``eval_batch_size`` that is not a multiple). Per-example
+routers (dense softmax, dropless top-k) are unaffected by the grouping.
+
+Legend: B batch (pairs), G routing groups of a batch, S tokens per group, L text length, P image
+tokens per image (patches + class token), T tokens, D width, E experts, M modalities (0 image, 1 text).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from torch import nn
 from core import losses
 from core.moe import MoE
 from core.router_config import RouterSpec, router_factory
-from core.routers.base import check_applicable
+from core.routers.base import check_applicable, check_positive_int
 from core.surgery import load_dense_state_dict, replace_mlps_with_moe
 from multimodal.factory import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401  (re-exported)
 
@@ -271,7 +284,7 @@ def upcycle_clip(dense: nn.Module, **kwargs) -> nn.Module:
 
 
 class LIMoE(nn.Module):
-    """One transformer for image patches and text tokens, MoE layers routing both in one group.
+    """One transformer for image patches and text tokens, MoE layers routing both in shared groups.
 
     ``forward(image, text)`` returns open_clip's ``(image_features, text_features, logit_scale.exp())``
     with L2-normalised features, so open_clip's ``ClipLoss`` applies unchanged.
@@ -296,7 +309,9 @@ class LIMoE(nn.Module):
         router_search_path: further config folders holding ``router/<name>.yaml`` (``hydra.searchpath``).
         moe_layers: which blocks get an MoE MLP (``convert_blocks`` placements).
         moe_num_last: n for the ``last_n`` placement.
-        group_size: tokens per routing group; None: the whole batch, both modalities, one group.
+        routing_group_size: image-caption pairs per routing group (module docstring: the image and
+            text tokens of ``routing_group_size`` consecutive pairs, a last partial group padded); None:
+            the whole batch is one group (its routing then depends on the batch).
         num_shared_experts: always-on experts per MoE layer.
         local_entropy_weight: λ_local for (image, text); 0 turns the loss off.
         global_entropy_weight: λ_global for (image, text); 0 turns the loss off.
@@ -324,7 +339,7 @@ class LIMoE(nn.Module):
         router_search_path: Sequence[str | Path] = (),
         moe_layers="every_other",
         moe_num_last: int | None = None,
-        group_size: int | None = None,
+        routing_group_size: int | None = None,
         num_shared_experts: int = 0,
         local_entropy_weight: Sequence[float] = (0.0, 0.0),
         global_entropy_weight: Sequence[float] = (0.0, 0.0),
@@ -344,7 +359,9 @@ class LIMoE(nn.Module):
             if s is not None and not 1 <= s <= num_experts:
                 raise ValueError(f"global_min_experts={list(global_min_experts)!r} is not allowed: "
                                  f"each must be null or in [1, num_experts={num_experts}].")
-        self.context_length, self.pad_id = context_length, pad_id
+        if routing_group_size is not None:
+            check_positive_int("routing_group_size", routing_group_size)
+        self.context_length, self.pad_id, self.routing_group_size = context_length, pad_id, routing_group_size
         grid = image_size // patch_size
         scale = width ** -0.5
         # modality-specific input embeddings
@@ -369,11 +386,13 @@ class LIMoE(nn.Module):
         converted = convert_blocks(
             self.transformer, moe_layers, num_last=moe_num_last, num_experts=num_experts,
             router=router_factory(router if router is not None else default_router, router_kwargs,
-                                  search_path=router_search_path), group_size=group_size,
+                                  search_path=router_search_path),
             num_shared_experts=num_shared_experts, expert_impl=expert_impl)
         for layer in converted:
             layer.keep_last_routing = True
             check_applicable(layer.router, token_ids=False, where="image patches")
+            if routing_group_size is not None:
+                check_routing_groups(layer.router, routing_group_size, grid * grid + 1, context_length)
         self.num_experts = num_experts
         self.local_entropy_weight = tuple(float(w) for w in local_entropy_weight)
         self.global_entropy_weight = tuple(float(w) for w in global_entropy_weight)
@@ -404,22 +423,66 @@ class LIMoE(nn.Module):
         return self.token_embedding(text) + self.text_positional_embedding[:L]
 
     # -- shared transformer ------------------------------------------------------------------
+    def routing_layout(self, batch_size: int, image_tokens: int, text_tokens: int,
+                       device: torch.device | str | None = None) -> tuple[int, int, torch.Tensor]:
+        """Where the MoE layers route each token: ``(G, S, index_T)``, G groups of S tokens, and for
+        every token of the B×P image tokens followed by the B×L text tokens (P or L may be 0) its
+        index in the flattened G×S groups. Group g holds pairs ``g·R .. g·R + R − 1`` (R the
+        ``routing_group_size``, the batch when None): their image tokens, pair by pair, then their
+        text tokens; slots of pairs past the batch are padding."""
+        B, P, L = batch_size, image_tokens, text_tokens
+        R = self.routing_group_size or max(B, 1)
+        G, S = -(-B // R), R * (P + L)
+        b_B = torch.arange(B, device=device)
+        start_B = (b_B // R) * S
+        slot_B = b_B % R
+        img_BP = (start_B + slot_B * P)[:, None] + torch.arange(P, device=device)
+        txt_BL = (start_B + R * P + slot_B * L)[:, None] + torch.arange(L, device=device)
+        return G, S, torch.cat([img_BP.reshape(-1), txt_BL.reshape(-1)])
+
+    def routing_labels(self, batch_size: int, text: torch.Tensor | None = None,
+                       image: bool = True) -> dict[str, torch.Tensor]:
+        """G×S labels of the tokens ``forward`` routes (``routing_layout``): ``modality`` (0 image, 1
+        text) and ``position`` (patch position p, or P + text position); −1 on padding slots."""
+        P = self.image_positional_embedding.shape[0] if image else 0
+        L = 0 if text is None else text.shape[1]
+        G, S, index_T = self.routing_layout(batch_size, P, L)
+        n_img = batch_size * P
+        modality_T = torch.cat([torch.zeros(n_img, dtype=torch.long), torch.ones(batch_size * L, dtype=torch.long)])
+        position_T = torch.cat([torch.arange(n_img) % max(P, 1), P + torch.arange(batch_size * L) % max(L, 1)])
+        out = {}
+        for name, label_T in (("modality", modality_T), ("position", position_T)):
+            out[name] = torch.full((G * S,), -1, dtype=torch.long).index_copy(0, index_T, label_T).view(G, S)
+        return out
+
     def _run(self, x_img: torch.Tensor | None, x_txt: torch.Tensor | None, text: torch.Tensor | None):
-        D = (x_img if x_img is not None else x_txt).shape[-1]
-        n_img = 0 if x_img is None else x_img.shape[0] * x_img.shape[1]
+        if x_img is not None and x_txt is not None and x_img.shape[0] != x_txt.shape[0]:
+            raise ValueError(f"image has {x_img.shape[0]} examples and text {x_txt.shape[0]}: forward takes "
+                             "image-caption pairs (use encode_image / encode_text for one modality).")
+        x_any = x_img if x_img is not None else x_txt
+        B, D, device = x_any.shape[0], x_any.shape[-1], x_any.device
+        P = 0 if x_img is None else x_img.shape[1]
+        L = 0 if x_txt is None else x_txt.shape[1]
+        n_img = B * P
+        # the tokens in their routing groups (routing_layout): padding slots are masked, modality −1
+        G, S, index_T = self.routing_layout(B, P, L, device)
         valid_T = self._valid_tokens(x_img, text)
+        modality_T = torch.ones_like(index_T)
+        modality_T[:n_img] = 0
+        valid_GS = valid_T.new_zeros(G * S).index_copy(0, index_T, valid_T).view(G, S)
+        modality_GS = modality_T.new_full((G * S,), -1).index_copy(0, index_T, modality_T).view(G, S)
         moe_idx = 0
         for block in self.transformer.resblocks:
             if x_img is not None:
                 x_img = x_img + block.ls_1(block.attention(block.ln_1(x_img)))
             if x_txt is not None:
-                L = x_txt.shape[1]
                 x_txt = x_txt + block.ls_1(block.attention(block.ln_1(x_txt), attn_mask=self.attn_mask[:L, :L]))
             parts = [x.reshape(-1, D) for x in (x_img, x_txt) if x is not None]
             h_TD = block.ln_2(torch.cat(parts) if len(parts) > 1 else parts[0])
             if isinstance(block.mlp, MoE):
-                y_TD = block.mlp(h_TD[None], mask=valid_T[None])[0]
-                self._after_moe(block.mlp, moe_idx, n_img, valid_T)
+                h_GSD = h_TD.new_zeros(G * S, D).index_copy(0, index_T, h_TD).view(G, S, D)
+                y_TD = block.mlp(h_GSD, mask=valid_GS).flatten(0, 1)[index_T]
+                self._after_moe(block.mlp, moe_idx, modality_GS, valid_GS)
                 moe_idx += 1
             else:
                 y_TD = block.mlp(h_TD)
@@ -438,20 +501,14 @@ class LIMoE(nn.Module):
             parts.append((text != self.pad_id).reshape(-1))
         return torch.cat(parts)
 
-    def _after_moe(self, layer: MoE, idx: int, n_img: int, valid_T: torch.Tensor) -> None:
+    def _after_moe(self, layer: MoE, idx: int, modality_GS: torch.Tensor, valid_GS: torch.Tensor) -> None:
         routing = layer.last_routing
-        T = valid_T.shape[0]
-        modality_T = torch.ones(T, dtype=torch.long, device=valid_T.device)
-        modality_T[:n_img] = 0
+        modality_T, valid_T = modality_GS.reshape(-1), valid_GS.reshape(-1)
         if layer.track_stats:
             self.modality_tokens_LME[idx] += modality_usage_counts(routing, modality_T, valid_T).to(torch.float64)
             self.modality_choices_LME[idx] += modality_choice_counts(routing, modality_T, valid_T).to(torch.float64)
-        if not self.training:
+        if not self.training or not modality_GS.numel():
             return
-        # the layer may have split the tokens into groups (padding a last one): regroup the masks alike
-        G, S, _ = routing.scores_GSE.shape
-        modality_GS = F.pad(modality_T, (0, G * S - T), value=-1).view(G, S)
-        valid_GS = F.pad(valid_T, (0, G * S - T), value=False).view(G, S)
         raw = losses.modality_entropy_losses(routing.scores_GSE, modality_GS, len(MODALITIES), valid_GS,
                                              thresholds=list(self.global_thresholds))
         terms = {}
@@ -476,19 +533,22 @@ class LIMoE(nn.Module):
         return pooled @ self.text_projection
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """image: B×3×H×W -> B×embed_dim (image tokens routed alone)."""
+        """image: B×3×H×W -> B×embed_dim (image tokens routed alone, in groups of ``routing_group_size``
+        images)."""
         x_img, _ = self._run(self._image_tokens(image), None, None)
         f = self._image_head(x_img)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """text: B×L token ids -> B×embed_dim (pooled at the end-of-text token, the largest id)."""
+        """text: B×L token ids -> B×embed_dim (pooled at the end-of-text token, the largest id; text
+        tokens routed alone, in groups of ``routing_group_size`` captions)."""
         _, x_txt = self._run(None, self._text_tokens(text), text)
         f = self._text_head(x_txt, text)
         return F.normalize(f, dim=-1) if normalize else f
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
-        """Both modalities through the shared transformer at once (one routing group per MoE layer).
+        """Both modalities through the shared transformer at once: image: B×3×H×W, text: B×L token ids,
+        the image and text tokens of each ``routing_group_size`` pairs routed in one group.
 
         Returns ``(image_features, text_features, logit_scale.exp())``, features L2-normalised.
         """
@@ -496,6 +556,20 @@ class LIMoE(nn.Module):
         img = F.normalize(self._image_head(x_img), dim=-1)
         txt = F.normalize(self._text_head(x_txt, text), dim=-1)
         return img, txt, self.logit_scale.exp()
+
+
+def check_routing_groups(router, routing_group_size: int, image_tokens: int, text_tokens: int) -> None:
+    """``ValueError`` naming ``routing_group_size`` when ``router`` refuses the groups a LIMoE routes:
+    ``routing_group_size`` pairs of ``image_tokens + text_tokens`` tokens (``forward``), or of one
+    modality's tokens (``encode_image``, ``encode_text``); e.g. BASE needs multiples of E."""
+    for tokens in (image_tokens + text_tokens, image_tokens, text_tokens):
+        try:
+            router.check_group_size(routing_group_size * tokens)
+        except ValueError as err:
+            reason = str(err).split(" is not allowed: ", 1)[-1].split(";")[0].rstrip(".")
+            raise ValueError(f"routing_group_size={routing_group_size} is not allowed: a group of that many pairs "
+                             f"holds {routing_group_size * tokens} tokens ({tokens} per pair), and "
+                             f"{type(router).__name__} refuses it: {reason}.") from None
 
 
 def create_limoe(**kwargs) -> LIMoE:

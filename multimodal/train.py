@@ -22,6 +22,7 @@ from core.analytics import position_labels
 from core.run import AnalysisInputs, Task, TaskRun, command_line, run
 from core.runs import hydra_choice
 from multimodal.data import build_data
+from multimodal.models import LIMoE
 from multimodal.training import build_loaders, clip_loss, context_length, is_moe, make_evaluate, validate_config
 
 __all__ = ["MultimodalTask", "main"]
@@ -70,7 +71,7 @@ class MultimodalTask(Task):
             model(batch["image"].to(device), batch["text"].to(device))
 
         def labels(batch):
-            return {"position": _stream_labels(batch, "position"), "modality": _stream_labels(batch, "modality")}
+            return {kind: _stream_labels(task_run.model, batch, kind) for kind in ("position", "modality")}
 
         towers = sorted({getattr(m, "modality", None) for m in task_run.model.modules() if hasattr(m, "modality")})
         na = {"modality": f"each MoE layer sits in one tower ({', '.join(towers)}) and sees one modality"} if towers else {}
@@ -95,24 +96,21 @@ class MultimodalTask(Task):
         return metrics.get("val_loss", float("nan"))
 
 
-def _stream_labels(batch: dict, kind: str):
+def _stream_labels(model, batch: dict, kind: str):
     """Label provider of the multimodal analyses: in a tower's layer (one modality), the position along
-    the sequence (``position``) or nothing (``modality``); in LIMoE's shared layers, whose one sequence
-    is every image's patches then every caption's tokens, the patch position p (0..P-1) or P + the
-    text position, and the modality (0 image, 1 text)."""
+    the sequence (``position``) or nothing (``modality``); in LIMoE's shared layers, whose routing groups
+    hold the image patches then the caption tokens of ``routing_group_size`` pairs
+    (``LIMoE.routing_layout``), the patch position p (0..P-1) or P + the text position, and the
+    modality (0 image, 1 text); padding slots of a last group are -1 (no label)."""
     text = batch["text"]
 
     def provider(layer, x):
         if hasattr(layer, "modality"):
             return position_labels(layer, x) if kind == "position" else None
-        T, n_txt = x.shape[-2], text.numel()
-        n_img = T - n_txt
-        if x.dim() != 3 or x.shape[0] != 1 or n_img < 0 or n_img % text.shape[0]:
+        if not isinstance(model, LIMoE):
             return None
-        if kind == "modality":
-            return torch.cat([torch.zeros(n_img, dtype=torch.long), torch.ones(n_txt, dtype=torch.long)])[None]
-        P = n_img // text.shape[0]
-        return torch.cat([torch.arange(n_img) % P, P + torch.arange(n_txt) % text.shape[1]])[None]
+        labels_GS = model.routing_labels(text.shape[0], text)[kind]
+        return labels_GS if tuple(labels_GS.shape) == tuple(x.shape[:-1]) else None
     return provider
 
 

@@ -33,13 +33,13 @@ from omegaconf import DictConfig
 from open_clip import build_zero_shot_classifier
 from open_clip.loss import ClipLoss
 
-from core.checks import (ConfigError, check_int, check_number, check_readable_dir, check_readable_file,
-                         check_target)
+from core.checks import (ConfigError, NotApplicableError, check_int, check_number, check_readable_dir,
+                         check_readable_file, check_target, check_whole_groups, to_config_error)
 from core.distributed import env_world_size, get_rank, get_world_size
 from core.validate import check_router
 from multimodal.data import MultimodalData, labelled_loader, pair_loader
 from multimodal.factory import moe_model_names
-from multimodal.models import LIMoE, modality_usage, reset_modality_usage
+from multimodal.models import LIMoE, check_routing_groups, modality_usage, reset_modality_usage
 
 __all__ = ["build_loaders", "clip_loss", "context_length", "contrastive_loss", "is_moe", "make_evaluate",
            "recall_at_k", "validate_config"]
@@ -96,13 +96,16 @@ def validate_config(cfg: DictConfig) -> int | None:
     if num_experts is not None:
         check_int("model.num_experts", num_experts)
         check_int("model.group_size", m.get("group_size"), optional=True)
+        check_int("model.routing_group_size", m.get("routing_group_size"), optional=True)
         try:
-            check_router(m.get("router"), num_experts, key="router", domain="multimodal",
-                         group_size=m.get("group_size"), group_key="model.group_size")
+            router = check_router(m.get("router"), num_experts, key="router", domain="multimodal",
+                                  group_size=m.get("group_size"), group_key="model.group_size")
         except ConfigError as err:
             if err.key == "router.num_experts":  # the router's weights would not fit: the model's key is at fault
                 raise ConfigError("model.num_experts", num_experts, err.allowed) from None
             raise
+        if m.get("routing_group_size") is not None:
+            _check_limoe_groups(m, d, router)
     for key in ("local_entropy_weight", "global_entropy_weight"):
         if key in m:
             _check_per_modality(f"model.{key}", m[key], lambda k, v: check_number(k, v, ge=0))
@@ -143,6 +146,21 @@ def validate_config(cfg: DictConfig) -> int | None:
     for key in ("limit_train", "limit_eval", "fashion_mnist_train"):
         check_int(f"data.{key}", d.get(key), optional=True)
     return num_experts
+
+
+def _check_limoe_groups(m: DictConfig, d: DictConfig, router) -> None:
+    """LIMoE's routing groups of ``model.routing_group_size`` pairs (``multimodal.models``): evaluation
+    batches hold whole groups, and the router takes groups of that many pairs' tokens (joint, image
+    only, text only)."""
+    group = m.routing_group_size
+    check_int("data.eval_batch_size", d.eval_batch_size)
+    check_whole_groups("data.eval_batch_size", d.eval_batch_size, "model.routing_group_size", group, "pairs")
+    if router is None or "patch_size" not in m:
+        return
+    try:
+        check_routing_groups(router, group, (d.image_size // m.patch_size) ** 2 + 1, context_length(m))
+    except ValueError as err:
+        raise to_config_error(err, "model.", cls=NotApplicableError) from None
 
 
 def _check_cache_file(key: str, path) -> None:
@@ -242,8 +260,8 @@ def make_evaluate(tokenizer: Callable | None = None, class_names: Sequence[str] 
     """``evaluate(model, batches)`` for the engine: retrieval batches (``image``, ``text``) or
     zero-shot batches (``image``, ``label``) against the classifier ``open_clip.build_zero_shot_classifier``
     makes of the class names in every template (``"a photo of a {}."``), tokenised by ``tokenizer``:
-    each class's prompt features averaged and normalised. All prompts are encoded in one batch, as
-    LIMoE routes a batch's tokens in one group."""
+    each class's prompt features averaged and normalised. All prompts are encoded in one batch (LIMoE
+    routes them in its fixed groups of ``routing_group_size`` captions)."""
 
     @torch.no_grad()
     def evaluate(model, batches) -> dict:

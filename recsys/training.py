@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from core.checks import ConfigError, check_int, check_number, check_readable_dir, check_target
+from core.checks import ConfigError, check_int, check_number, check_readable_dir, check_target, check_whole_groups
 from core.runs import hydra_choice
 from core.validate import check_router
 from recsys.data import MultiTaskBatch, MultiTaskDataset, TaskSpec
@@ -98,24 +98,13 @@ def validate_config(cfg: DictConfig) -> int | None:
     for key in ("eval_batch_size", "limit_train", "limit_eval"):
         check_int(f"data.{key}", d.get(key), optional=True)
     if counts is not None and m.get("routing_group_size") is not None:
-        _check_routing_groups(m.routing_group_size, d.get("eval_batch_size") or d.batch_size)
+        # recsys.models cuts batches into groups of routing_group_size examples
+        check_whole_groups("data.eval_batch_size", d.get("eval_batch_size") or d.batch_size,
+                           "model.routing_group_size", m.routing_group_size)
     for i, w in enumerate(cfg.get("task_weights") or []):
         check_number(f"task_weights[{i}]", w, ge=0)
     check_sharding(cfg.get("sharding"))
     return counts[0] if counts else None
-
-
-def _check_routing_groups(group: int, eval_batch_size: int) -> None:
-    """Evaluation batches must hold whole routing groups (``recsys.models``: a batch is cut into groups
-    of ``model.routing_group_size`` examples), so that groups, and the predictions of gates that decide
-    over a group, are the same consecutive examples of a split at every evaluation batch size."""
-    check_int("model.routing_group_size", group)
-    if eval_batch_size % group:
-        fit = -(-eval_batch_size // group) * group
-        raise ConfigError("data.eval_batch_size", eval_batch_size,
-                          f"evaluation batches must hold whole routing groups of model.routing_group_size={group} "
-                          f"examples, or predictions would depend on the evaluation batch: use a multiple of "
-                          f"{group} (e.g. {fit}) or change model.routing_group_size")
 
 
 def _check_sizes(m: DictConfig, d: DictConfig) -> None:

@@ -85,14 +85,16 @@ def test_loaders_batch_images_and_captions(data):
 
 def test_routing_loader_draws_every_template_reproducibly(data):
     """The held-out routing set routes captions as training does: Fashion-MNIST images get each of
-    their templates (not only the first), the same ones on every pass; retrieval batches keep the
-    first caption."""
+    their templates (not only the first), the same ones on every pass and at every batch size; retrieval
+    batches keep the first caption."""
     fm = data.mix.subset(torch.nonzero(data.mix.source == 1)[:, 0])
     first = fm.tokens[fm.caption_idx[:, 0]]
     mix = D.pair_loader(fm, 64, routing_only=True)
     text = torch.cat([b["text"] for b in mix.batches(epoch=0, seed=0)])
     again = torch.cat([b["text"] for b in mix.batches(epoch=0, seed=0)])
     assert torch.equal(text, again)
+    # drawn per image, not per batch: the same captions at another evaluation batch size (issue 24)
+    assert torch.equal(torch.cat([b["text"] for b in D.pair_loader(fm, 50, routing_only=True).batches()]), text)
     used = {fm.captions[fm.tokens.tolist().index(row)] for row in text.tolist()}
     assert any("grayscale" in c for c in used) and any("type of clothing" in c for c in used)
     assert not torch.equal(text, first)
