@@ -714,6 +714,8 @@ class RoutingSnapshots(Callback):
         forward, labels: as ``record_routing``.
     """
 
+    calls_model = True
+
     def __init__(self, steps: list[int], batches, max_batches: int, out_dir: Path, forward=None, labels=None):
         self.steps, self.batches, self.max_batches = set(steps), batches, max_batches
         self.forward, self.labels = forward, labels

@@ -3,6 +3,7 @@
     python -m core.bench_distributed                      # 2 ranks (gloo), defaults below
     python -m core.bench_distributed --tokens 4096 --experts 16 --steps 20
     python -m core.bench_distributed --routers topk,locmoe   # LocMoE against top-k at 2 and 4 ranks
+    python -m core.bench_distributed --data-parallel ddp,fsdp  # DDP against FSDP2 at 2 and 4 ranks
 
 Both sides do the same work: W·T tokens of width D through E experts (top-K, dropless) and back.
 One process runs the whole layer on all W·T tokens with W intra-op threads; W processes (one thread
@@ -22,6 +23,16 @@ capacity columns set LocMoE's lower bound ``C_min = ⌈T·A_D(δ)⌉`` (``core.r
 maximal angle between a token and its expert's gate vector in this routing) against the capacity
 top-k would use, ``⌈T·K·cf/E⌉`` at ``--capacity-factor``, and the largest load an expert receives
 (both routers run dropless). Without ``--routers`` the output is the one above.
+
+DDP against FSDP2 (``--data-parallel ddp,fsdp``; ``core.parallel``): a training step (forward,
+backward, AdamW) of a stack of ``--blocks`` pre-norm blocks (a D×D projection and a MoE FFN each)
+on T tokens per rank, through ``core.parallel.Parallel`` exactly as the engine trains, with the
+experts on every rank or spread over the ranks (``+ep``), at each of ``--worlds`` ranks, and one
+process as the reference. Per rank: the step time (median of the slowest rank), the bytes that left
+the processes over loopback during the timed steps (``/proc/net/dev``, divided by W and the steps:
+DDP's bucketed all-reduce runs in C++ and cannot be counted from Python), the model state the rank
+holds (its parameters, gradients and AdamW moments: local shards under FSDP and for spread experts)
+and the process's peak resident memory.
 
 Legend: T tokens per rank, D width, F expert hidden width, E experts, K experts per token, W ranks.
 """
@@ -43,6 +54,7 @@ import torch.multiprocessing as mp
 
 from core import distributed as dist_utils
 from core.moe import MoE
+from core.parallel import Parallel, device_mesh, shard_experts
 from core.routers.locmoe import LocMoERouter, capacity_lower_bound, max_angular_deviation
 from core.routers.topk import TopKRouter
 
@@ -100,7 +112,7 @@ def _worker(rank: int, args, store: str, out: str, router_name: str = "topk", wo
     try:
         layer = _layer(args, router_name, world)
         layer.keep_last_routing = True
-        dist_utils.shard_experts(layer)
+        shard_experts(layer, device_mesh("cpu"))
         x, cot = _inputs(args, args.tokens, 1 + rank)
         spent, sent = [0.0], [0]
         a2a = dist.all_to_all_single
@@ -176,17 +188,25 @@ def locality(args, router_name: str, world: int) -> dict:
             "topk_capacity": math.ceil(args.tokens * args.top_k * args.capacity_factor / args.experts)}
 
 
-def locality_table(args) -> list[dict]:
-    """``locality`` for every router of ``--routers`` at every world size of ``--worlds``; prints the table."""
-    routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+def _choices(args, option: str, allowed) -> tuple[list[str], list[int]]:
+    """The comma list of ``--<option>`` (each in ``allowed``) and of ``--worlds`` (each >= 2 and
+    dividing ``--experts``); ``SystemExit`` naming the option otherwise."""
+    value = getattr(args, option)
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    flag = "--" + option.replace("_", "-")
+    if not names or any(n not in allowed for n in names):
+        raise SystemExit(f"error: {flag}={value} is not allowed: a comma list of {', '.join(allowed)}.")
     worlds = [int(w) for w in str(args.worlds).split(",") if w.strip()]
-    bad = [r for r in routers if r not in ROUTERS]
-    if bad or not routers:
-        raise SystemExit(f"error: --routers={args.routers} is not allowed: a comma list of {', '.join(ROUTERS)}.")
     for w in worlds:
         if w < 2 or args.experts % w:
             raise SystemExit(f"error: --worlds={args.worlds} is not allowed: each must be >= 2 and divide "
                              f"--experts={args.experts}.")
+    return names, worlds
+
+
+def locality_table(args) -> list[dict]:
+    """``locality`` for every router of ``--routers`` at every world size of ``--worlds``; prints the table."""
+    routers, worlds = _choices(args, "routers", ROUTERS)
     rows = [locality(args, r, w) for w in worlds for r in routers]
     print(f"MoE layer fwd+bwd expert parallel (gloo loopback, 1 thread per rank), T={args.tokens} tokens per rank, "
           f"D={args.dim} F={args.hidden} E={args.experts} K={args.top_k}, dropless, LocMoE local_bias="
@@ -206,6 +226,156 @@ def locality_table(args) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- DDP against FSDP2
+
+
+class _Block(torch.nn.Module):
+    """Pre-norm block: x + proj(norm(x)), then x + MoE(norm(x))."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(args.dim), torch.nn.LayerNorm(args.dim)
+        self.proj = torch.nn.Linear(args.dim, args.dim)
+        self.moe = _layer(args)
+
+    def forward(self, x):
+        x = x + self.proj(self.norm1(x))
+        return x + self.moe(self.norm2(x))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(_Block(args) for _ in range(args.blocks))
+        self.head = torch.nn.Linear(args.dim, args.dim)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _mse(model, batch):
+    x, target = batch
+    return torch.nn.functional.mse_loss(model(x), target), {}
+
+
+def _loopback_bytes() -> int:
+    """Bytes sent over the loopback interface so far (0 where /proc/net/dev is absent)."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == "lo":
+                    return int(rest.split()[8])
+    except OSError:
+        pass
+    return 0
+
+
+def _held_bytes(model, optimizer) -> dict:
+    """Bytes of parameters, gradients and optimizer state this rank holds (local shards)."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    params = list(model.parameters())
+    return {"params": sum(nbytes(p) for p in params),
+            "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
+                             if torch.is_tensor(v) and v.dim())}
+
+
+def _dp_worker(rank: int, args, store: str, out: str, mode: str, spread: bool, world: int) -> None:
+    import resource
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        par = Parallel(_Stack(args), _mse, mode, expert_parallel=spread)
+        opt = torch.optim.AdamW(par.model.parameters(), lr=1e-3)
+        x, target = _inputs(args, args.tokens, 1 + rank)
+        times, held, before = [], None, 0
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                if world > 1:
+                    dist.barrier()
+                before = _loopback_bytes() if rank == 0 else 0
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            task, _, _ = par.module((x, target))
+            task.backward()
+            par.after_backward()
+            held = _held_bytes(par.model, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(dt, dist.ReduceOp.MAX)
+            if i >= args.warmup:
+                times.append(float(dt))
+        if world > 1:
+            dist.barrier()
+        sent = (_loopback_bytes() - before) / world / args.steps if rank == 0 else 0.0
+        held = {**_held_bytes(par.model, opt), "grads": held["grads"]}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures = [held["params"], held["grads"], held["optimizer"], rss]
+        if world > 1:
+            per = dist_utils.all_gather_object(figures)
+        else:
+            per = [figures]
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"step_ms": 1e3 * statistics.median(times), "bytes_per_rank_step": sent,
+                           "per_rank": per}, f)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def data_parallel(args, mode: str, spread: bool, world: int) -> dict:
+    """One configuration's figures (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        wargs = (args, os.path.join(tmp, "store"), out, mode, spread, world)
+        if world == 1:
+            _dp_worker(0, *wargs)
+        else:
+            mp.spawn(_dp_worker, args=wargs, nprocs=world, join=True)
+        with open(out) as f:
+            res = json.load(f)
+    per = torch.tensor(res["per_rank"], dtype=torch.float64)
+    return {"world": world, "mode": mode if world > 1 else "one process", "expert_parallel": spread,
+            "step_ms": res["step_ms"], "mb_sent_per_rank_step": res["bytes_per_rank_step"] / 2**20,
+            "params_mb": float(per[:, 0].max()) / 2**20, "grads_mb": float(per[:, 1].max()) / 2**20,
+            "optimizer_mb": float(per[:, 2].max()) / 2**20, "peak_rss_mb": float(per[:, 3].max()) / 2**20}
+
+
+def data_parallel_table(args) -> list[dict]:
+    """``data_parallel`` for one process and every mode of ``--data-parallel`` (with and without the
+    experts spread) at every world size of ``--worlds``; prints the table."""
+    modes, worlds = _choices(args, "data_parallel", ("ddp", "fsdp"))
+    rows = [data_parallel(args, "ddp", False, 1)]
+    rows += [data_parallel(args, m, spread, w) for w in worlds for m in modes for spread in (False, True)]
+    n_params = sum(p.numel() for p in _Stack(args).parameters())
+    print(f"training step (fwd+bwd+AdamW) of {args.blocks} blocks (D={args.dim}, MoE F={args.hidden} E={args.experts} "
+          f"K={args.top_k} dropless), {n_params / 1e6:.2f}M parameters, T={args.tokens} tokens per rank, gloo "
+          f"loopback, 1 thread per rank, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print(f"{'W':>2} {'mode':<12} {'ms/step':>8} {'MB sent/rank/step':>17} {'params MB':>9} {'grads MB':>8} "
+          f"{'AdamW MB':>8} {'state MB':>8} {'peak RSS MB':>11}")
+    for r in rows:
+        name = r["mode"] + ("+ep" if r["expert_parallel"] else "")
+        state = r["params_mb"] + r["grads_mb"] + r["optimizer_mb"]
+        print(f"{r['world']:>2} {name:<12} {r['step_ms']:>8.1f} {r['mb_sent_per_rank_step']:>17.2f} "
+              f"{r['params_mb']:>9.2f} {r['grads_mb']:>8.2f} {r['optimizer_mb']:>8.2f} {state:>8.2f} "
+              f"{r['peak_rss_mb']:>11.0f}")
+    print("  params/grads/AdamW MB: what the most loaded rank holds after the backward (local shards); state MB: their "
+          "sum; MB sent: loopback bytes of the timed steps / W / steps; peak RSS includes the torch libraries.")
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=2, help="ranks W (gloo on loopback)")
@@ -219,16 +389,21 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--routers", default=None,
                    help="compare these routers expert parallel (comma list of topk, locmoe) instead")
-    p.add_argument("--worlds", default="2,4", help="with --routers: the ranks W to run (comma list)")
+    p.add_argument("--worlds", default="2,4", help="with --routers or --data-parallel: the ranks W to run (comma list)")
     p.add_argument("--local-bias", type=float, default=0.1, help="with --routers: LocMoE's local_bias")
     p.add_argument("--capacity-factor", type=float, default=1.0, help="with --routers: cf of top-k's capacity column")
+    p.add_argument("--data-parallel", default=None,
+                   help="compare these data-parallel engines (comma list of ddp, fsdp) at --worlds instead")
+    p.add_argument("--blocks", type=int, default=4, help="with --data-parallel: blocks in the stack")
     args = p.parse_args(argv)
-    if args.routers is not None:
-        rows = locality_table(args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-        return {"locality": rows}
+    for option, table, key in ((args.data_parallel, data_parallel_table, "data_parallel"),
+                               (args.routers, locality_table, "locality")):
+        if option is not None:
+            rows = table(args)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=2)
+            return {key: rows}
     if args.world < 2 or args.experts % args.world:
         raise SystemExit(f"error: --world={args.world} must be >= 2 and divide --experts={args.experts}.")
     one = statistics.median(single_process(args))

@@ -1,41 +1,19 @@
-"""Past one process: the process group, data-parallel gradients and expert parallelism.
+"""Past one process: the process group, and what the ranks share besides gradients.
 
-Expert parallelism (GShard, Lepikhin et al., ICLR 2021; Switch Transformer, Fedus et al., JMLR
-2022): each of W ranks holds E/W of a MoE layer's routed experts. The router runs replicated on
-every rank, on that rank's own tokens, and returns the usual ``Routing`` (kept assignments and
-combine gates). The layer then
+This module is the plumbing under ``core.parallel`` (DDP or FSDP2 for the data, a device mesh and
+``core.dispatch``'s all-to-all for the experts):
 
-1. counts its assignments per expert and exchanges the counts (``all_to_all_single``, E/W per rank),
-   so that every rank knows how many rows it sends to and receives from every other rank;
-2. sends the token copies, sorted by expert and hence by owning rank, with ``all_to_all_single``
-   and variable split sizes (MegaBlocks' ``parallel_forward_once`` does the same, Gale et al.,
-   MLSys 2023);
-3. runs its local experts on the rows it received (the fused ``Experts.forward_routed`` path);
-4. sends the expert outputs back the same way and combines them on the source rank,
-   ``out[t] = Σ_n w_n · y_n``.
+- the process group torchrun describes (gloo on CPU, NCCL on CUDA), ranks and world size;
+- rank 0's starting weights on every rank (``broadcast_parameters``: FSDP shards whatever each rank
+  holds, so every rank must start from the same weights);
+- the routers' loads (DeepSeek's bias update, ``sum_router_loads``) and the routing statistics
+  (``sum_routing_stats``), summed over the ranks so that they are the global batch's;
+- the whole-layout state of a model whose parts live on different ranks (experts as DTensor shards,
+  torchrec's sharded embedding tables): ``full_state_dict`` / ``load_full_state_dict`` and the
+  optimizer counterparts, for ``model.pt`` and for one-file checkpoints;
+- small object collectives (``all_gather_object``, ``broadcast_object``).
 
-Both exchanges are an autograd function whose backward is the reverse exchange, so gradients reach
-the inputs, the router (through the combine gates) and every expert. Shared experts (DeepSeekMoE)
-and the router are replicated like any dense parameter. Soft MoE and merged routings (Soft MoE,
-SMEAR, Lory) mix every token with every expert and are refused with a ``ValueError``.
-
-``shard_experts(model)`` converts every ``core.MoE`` layer in place: its experts module keeps only
-the local experts' slices (same parameter names, first dimension E/W) and gains the exchange.
-``full_state_dict`` / ``load_full_state_dict`` (and the optimizer counterparts) read and write the
-unsharded layout, so checkpoints load on any number of ranks.
-
-What is exact and what is per rank (engine, ``trainer.expert_parallel``): each rank's loss is
-weighted by its share of the global batch, so summed gradients are the global mean's; routing
-statistics are summed over ranks (``sum_routing_stats``), and so are the loads behind DeepSeek's
-bias update (``sum_router_loads``). Auxiliary losses, though, are computed by each rank's router on
-its own tokens (the importance/load CV² of half a batch is not that of the batch), and router noise
-comes from a per-rank random stream; both are standard practice (Switch, GShard compute balance
-losses per device) and keep runs close to, not equal to, one process.
-
-Data parallelism is an explicit gradient all-reduce (``all_reduce_gradients``) rather than a DDP
-wrapper: the engine hands the model itself to the domain's loss and evaluation functions, which
-may call methods other than ``forward`` (DDP only synchronises through ``forward``). Parameters
-marked as sharded (local experts, sharded embedding tables) are never all-reduced.
+Gradients are reduced by DDP or FSDP (``core.parallel``), never here.
 
 Legend: T tokens, D input width, O output width, E experts, L local experts (E/W), W ranks,
 N assignments sent from this rank, M rows received by this rank.
@@ -46,19 +24,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from core.experts import dispatch_combine
 from core.moe import MoE
 
 log = logging.getLogger(__name__)
 
 _SHARDED_ATTR = "_moe_suite_sharded"  # set on parameters that live on one rank only
-_EP_PARAMS = ("w1_EDF", "w2_EFO", "w3_EDF", "b1_EF", "b2_EO")
 
 
 # ----------------------------------------------------------------------------------- process group
@@ -121,105 +96,9 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------------------------- the exchange
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` of rows with variable split sizes; backward sends the gradients back."""
-
-    @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], group):
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        out = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_MD: torch.Tensor):
-        grad = grad_MD.new_empty((sum(ctx.send_splits), *grad_MD.shape[1:]))
-        dist.all_to_all_single(grad, grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return grad, None, None, None
-
-
-def all_to_all(x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> torch.Tensor:
-    """Rows ``x_ND`` cut into ``send_splits`` go one block per rank; returns the ``recv_splits`` rows
-    received, ordered by source rank. Differentiable (the backward is the reverse exchange)."""
-    return _AllToAll.apply(x_ND, list(send_splits), list(recv_splits), group)
-
-
-class ExpertParallel(nn.Module):
-    """Mixin of an experts module whose experts are spread over the ranks of ``ep_group``.
-
-    ``shard_experts`` turns an ``Experts`` (or any module with its interface) into a subclass of
-    this mixin and of its own class, so parameter names stay those of the unsharded module and
-    the local compute is the class's own ``forward_routed`` (or ``forward``). Attributes:
-    ``num_experts`` is L (local), ``num_global_experts`` E, ``first_expert`` the first local id.
-    """
-
-    ep_group = None
-    num_global_experts: int
-    first_expert: int
-    ep_sharded: tuple[str, ...]
-
-    def _local_forward(self, x_MD: torch.Tensor, local_M: torch.Tensor) -> torch.Tensor:
-        """Each received row through its local expert (gate 1: the gate is applied at the source)."""
-        rows_M = torch.arange(x_MD.shape[0], device=x_MD.device)
-        ones_M = x_MD.new_ones(x_MD.shape[0])
-        if hasattr(super(), "forward_routed"):
-            return super().forward_routed(x_MD, rows_M, local_M, ones_M)
-        return dispatch_combine(self, x_MD, rows_M, local_M, ones_M)
-
-    def forward_routed(self, x_TD: torch.Tensor, token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor,
-                       weight_N: torch.Tensor) -> torch.Tensor:
-        """``out[t] = Σ_{n: token_n = t} w_n · expert_{e_n}(x[t])`` with the experts spread over the
-        ranks (global expert ids). Every rank of the group must call it (a collective)."""
-        group, L = self.ep_group, self.num_experts
-        W = get_world_size(group)
-        order_N = torch.argsort(expert_idx_N, stable=True)  # by expert, hence by owning rank
-        token_N = token_idx_N.index_select(0, order_N)
-        weight_sorted_N = weight_N.index_select(0, order_N)
-        counts_E = torch.bincount(expert_idx_N, minlength=W * L)
-        recv_counts_E = torch.empty_like(counts_E)  # [j·L + l]: rows rank j sends to my expert l
-        dist.all_to_all_single(recv_counts_E, counts_E, group=group)
-        recv_WL = recv_counts_E.view(W, L)
-        send_splits = counts_E.view(W, L).sum(1).tolist()  # one host sync, as MegaBlocks
-        recv_splits = recv_WL.sum(1).tolist()
-        x_recv_MD = all_to_all(x_TD.index_select(0, token_N), send_splits, recv_splits, group)
-        local_M = torch.repeat_interleave(torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1))
-        y_recv_MO = self._local_forward(x_recv_MD, local_M)
-        y_NO = all_to_all(y_recv_MO, recv_splits, send_splits, group)
-        y_NO = y_NO * weight_sorted_N.to(y_NO.dtype)[:, None]
-        return y_NO.new_zeros(x_TD.shape[0], y_NO.shape[1]).index_add_(0, token_N, y_NO)
-
-    def forward_batched(self, x_EMD: torch.Tensor) -> torch.Tensor:
-        raise ValueError("soft routing (Soft MoE slots) is not supported with expert parallelism "
-                         "(trainer.expert_parallel=true): every slot mixes every token; pick a sparse router "
-                         "(topk, expert_choice, deepseek, ...) or set trainer.expert_parallel=false.")
-
-    def forward_merged(self, x_GSD: torch.Tensor, merge_GE: torch.Tensor) -> torch.Tensor:
-        raise ValueError("merged routing (SMEAR, Lory) is not supported with expert parallelism "
-                         "(trainer.expert_parallel=true): it averages every expert's parameters; pick a sparse "
-                         "router or set trainer.expert_parallel=false.")
-
-
-_EP_CLASSES: dict[type, type] = {}
-
-
-def _ep_class(cls: type) -> type:
-    if issubclass(cls, ExpertParallel):
-        return cls
-    if cls not in _EP_CLASSES:
-        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
-    return _EP_CLASSES[cls]
-
-
-def _base_class(cls: type) -> type:
-    return next(c for c in cls.__mro__[1:] if c is not ExpertParallel and not issubclass(c, ExpertParallel))
-
-
 def mark_sharded(param: torch.Tensor) -> torch.Tensor:
-    """Mark a parameter as living on one rank only: it is never all-reduced across ranks, and its
-    squared gradient norm is summed over the ranks when clipping."""
+    """Mark a parameter as living on one rank only (a torchrec table shard): DDP leaves it alone,
+    and its squared gradient norm is summed over the ranks when clipping."""
     setattr(param, _SHARDED_ATTR, True)
     return param
 
@@ -228,89 +107,30 @@ def is_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, _SHARDED_ATTR, False))
 
 
-def expert_parallel_layers(model: nn.Module) -> dict[str, MoE]:
-    """``{name: layer}`` of the MoE layers whose experts are sharded."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoE) and isinstance(m.experts, ExpertParallel)}
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
-def _per_expert_params(experts: nn.Module, num_experts: int) -> list[str]:
-    """Names of the experts module's own parameters stacked over its E experts (first dim E);
-    sub-modules (e.g. a LoRA bank's shared base FFN) stay replicated."""
-    return [n for n, p in experts.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == num_experts]
+def _whole(t):
+    """A DTensor gathered whole (a collective); anything else as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
-@torch.no_grad()
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
-    """Spread every ``core.MoE`` layer's routed experts over the ranks of ``group`` (default: a new
-    group of every rank, so the exchanges never queue behind gradient all-reduces), in place.
+def _local_part(full: torch.Tensor, like) -> torch.Tensor:
+    """This rank's part of the whole tensor ``full`` for a DTensor ``like`` (its own local shape and
+    offset on its mesh), as a DTensor of the same placements."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    Rank r keeps experts ``[r·E/W, (r+1)·E/W)``; every rank must hold the same full weights before
-    the call (same seed, or ``broadcast_parameters`` first). Returns the number of layers sharded.
-    Raises ``ValueError`` when W does not divide a layer's E.
-    """
-    if not is_initialized():
-        raise ValueError("shard_experts needs a process group: launch with torchrun (WORLD_SIZE > 1).")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallel)]
-    if not layers:
-        return 0
-    if group is None:
-        group = dist.new_group(list(range(get_world_size())))
-    W, rank = get_world_size(group), get_rank(group)
-    for name, layer in layers:
-        experts, E = layer.experts, layer.num_experts
-        if not layer.router.supports_expert_parallel:
-            raise ValueError(f"trainer.expert_parallel=true is not allowed with {type(layer.router).__name__} "
-                             f"(layer {name or '<root>'}): every token meets every expert, so the experts cannot "
-                             "live on different ranks; pick a sparse router (topk, expert_choice, deepseek, ...).")
-        if E % W:
-            raise ValueError(f"trainer.expert_parallel=true needs num_experts divisible by the number of ranks: "
-                             f"layer {name or '<root>'} has num_experts={E} and there are {W} ranks.")
-        L = E // W
-        names = _per_expert_params(experts, E)
-        for pname in names:
-            old = getattr(experts, pname)
-            new = nn.Parameter(old.detach()[rank * L:(rank + 1) * L].clone(), requires_grad=old.requires_grad)
-            setattr(experts, pname, mark_sharded(new))
-        experts.__class__ = _ep_class(type(experts))
-        experts.ep_group, experts.num_global_experts, experts.first_expert = group, E, rank * L
-        experts.ep_sharded = tuple(names)
-        experts.num_experts = L
-    return len(layers)
-
-
-@torch.no_grad()
-def unshard_experts(model: nn.Module) -> int:
-    """Gather every expert-parallel layer's experts back onto every rank (the inverse of
-    ``shard_experts``; a collective). Returns the number of layers gathered."""
-    layers = expert_parallel_layers(model)
-    for layer in layers.values():
-        experts = layer.experts
-        for pname in experts.ep_sharded:
-            old = getattr(experts, pname)
-            full = nn.Parameter(_gather_dim0(old.detach(), experts.ep_group), requires_grad=old.requires_grad)
-            setattr(experts, pname, full)
-        experts.num_experts = experts.num_global_experts
-        experts.__class__ = _base_class(type(experts))
-        for attr in ("ep_group", "num_global_experts", "first_expert", "ep_sharded"):
-            experts.__dict__.pop(attr, None)
-    return len(layers)
-
-
-def _gather_dim0(t: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate every rank's ``t`` (same shape on every rank) along dim 0, rank order."""
-    parts = [torch.empty_like(t) for _ in range(get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, 0)
-
-
-def _sharded_keys(model: nn.Module) -> dict[str, MoE]:
-    """State-dict keys of sharded expert parameters -> their layer."""
-    out = {}
-    for name, layer in expert_parallel_layers(model).items():
-        prefix = f"{name}.experts." if name else "experts."
-        for pname in layer.experts.ep_sharded:
-            out[prefix + pname] = layer
-    return out
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"a whole-layout tensor of shape {tuple(full.shape)} does not fit a parameter of shape "
+                         f"{tuple(like.shape)}: the checkpoint was written for another model.")
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    local = full[index].to(like.to_local().device, like.dtype).contiguous()
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False)
 
 
 # ------------------------------------------------------------------------------ full-layout state
@@ -318,11 +138,12 @@ def _sharded_keys(model: nn.Module) -> dict[str, MoE]:
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict in the unsharded layout (every expert, whole embedding tables), on
-    every rank; a collective when the model has sharded parts."""
+    """The model's state dict in the whole layout (every expert, whole embedding tables), on every
+    rank; a collective when the model has parts on different ranks."""
     sd = model.state_dict()
-    for key, layer in _sharded_keys(model).items():
-        sd[key] = _gather_dim0(sd[key], layer.experts.ep_group)
+    for key in list(sd):
+        if _is_dtensor(sd[key]):
+            sd[key] = sd[key].full_tensor()
     for key in sorted(k for k, v in sd.items() if _is_sharded_tensor(v)):
         sd[key] = _gather_sharded_tensor(sd[key])
     return sd
@@ -330,19 +151,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
-    """Load an unsharded state dict into a model whose experts (or torchrec embedding tables) may
-    be sharded: each rank takes its slice of every sharded tensor."""
+    """Load a whole-layout state dict into a model whose parts may live on different ranks (DTensor
+    expert shards, torchrec's embedding tables): each rank takes its part of every such tensor."""
     sd = dict(state_dict)
-    for key, layer in _sharded_keys(model).items():
-        if key in sd:
-            sd[key] = _local_slice(sd[key], layer)
-    for key, st in model.state_dict().items():
-        if _is_sharded_tensor(st) and key in sd:  # torchrec tables: fill the local shards in place
+    for key, current in model.state_dict().items():
+        if key not in sd:
+            continue
+        if _is_dtensor(current):
+            sd[key] = _local_part(sd[key], current)
+        elif _is_sharded_tensor(current):  # torchrec tables: fill the local shards in place
             full = sd.pop(key)
-            for shard in st.local_shards():
+            for shard in current.local_shards():
                 index = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
                 shard.tensor.copy_(full[index])
-            sd[key] = st
+            sd[key] = current
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -362,36 +184,16 @@ def _gather_sharded_tensor(st) -> torch.Tensor:
     return full
 
 
-def _local_slice(t: torch.Tensor, layer: MoE) -> torch.Tensor:
-    ex = layer.experts
-    if t.shape[0] != ex.num_global_experts:
-        raise ValueError(f"a full-layout expert tensor has {t.shape[0]} experts; the layer has {ex.num_global_experts}.")
-    return t[ex.first_expert:ex.first_expert + ex.num_experts]
-
-
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
-def _sharded_param_layers(model: nn.Module) -> dict[int, MoE]:
-    params = dict(model.named_parameters())
-    return {id(params[k]): layer for k, layer in _sharded_keys(model).items() if k in params}
-
-
 @torch.no_grad()
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with the state of sharded expert parameters gathered to the
-    unsharded layout (tensors whose first dim is L become E); a collective under expert parallelism."""
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with the state of DTensor parameters gathered whole (a collective
+    when there are any)."""
     osd = optimizer.state_dict()
-    layers = _sharded_param_layers(model)
-    if not layers:
-        return osd
-    for idx, p in enumerate(_optimizer_params(optimizer)):
-        layer = layers.get(id(p))
-        if layer is None or idx not in osd["state"]:
-            continue
-        osd["state"][idx] = {k: (_gather_dim0(v, layer.experts.ep_group) if _is_per_expert(v, p) else v)
-                             for k, v in osd["state"][idx].items()}
+    osd["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in osd["state"].items()}
     return osd
 
 
@@ -401,30 +203,41 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names.get(id(p)) for p in _optimizer_params(optimizer)]
 
 
+def named_optimizer_state(osd: dict, names: list[str | None] | None) -> dict:
+    """A ``full_optimizer_state_dict`` keyed by parameter name (``names``: ``optimizer_param_names``
+    at save time), as ``torch.distributed.checkpoint.state_dict.set_state_dict`` reads it."""
+    if names is None:
+        raise ValueError("the checkpoint does not name its optimizer's parameters (an earlier format): resume it "
+                         "in one process, or on as many ranks as wrote it.")
+    groups, start = [], 0
+    for g in osd["param_groups"]:
+        n = len(g["params"])
+        groups.append({**g, "params": [names[i] for i in range(start, start + n)]})
+        start += n
+    state = {names[i]: st for i, st in osd["state"].items() if names[i] is not None}
+    return {"state": state, "param_groups": groups}
+
+
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict,
                                    names: list[str | None] | None = None) -> None:
     """Load a state saved by ``full_optimizer_state_dict`` (any number of ranks) into ``optimizer``.
 
     ``names`` (``optimizer_param_names`` at save time) match the saved state to parameters by name
     when the two optimizers list different parameters (e.g. a torchrec model whose sharded tables
-    train with their own fused optimizer); the state of such table shards is dropped."""
+    train with their own fused optimizer); the state of such table shards is dropped. DTensor
+    parameters take their part of every whole state tensor of their shape."""
     osd = {"state": dict(osd["state"]), "param_groups": [dict(g) for g in osd["param_groups"]]}
     current = optimizer_param_names(model, optimizer)
     if names is not None and list(names) != current:
         osd = _remap_by_name(osd, list(names), optimizer, current)
-    layers = _sharded_param_layers(model)
     for idx, p in enumerate(_optimizer_params(optimizer)):
         if idx not in osd["state"]:
             continue
-        layer = layers.get(id(p))
-        if layer is None:
-            if is_sharded(p):  # a torchrec table shard: trained by its fused optimizer
-                del osd["state"][idx]
-            continue
-        E = layer.experts.num_global_experts
-        osd["state"][idx] = {k: (_local_slice(v, layer) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == E
-                                 and v.shape[1:] == p.shape[1:] else v)
-                             for k, v in osd["state"][idx].items()}
+        if is_sharded(p):  # a torchrec table shard: trained by its fused optimizer
+            del osd["state"][idx]
+        elif _is_dtensor(p):
+            osd["state"][idx] = {k: (_local_part(v, p) if torch.is_tensor(v) and v.shape == p.shape and v.ndim else v)
+                                 for k, v in osd["state"][idx].items()}
     optimizer.load_state_dict(osd)
 
 
@@ -445,76 +258,18 @@ def _remap_by_name(osd: dict, saved_names: list, optimizer: torch.optim.Optimize
     return {"state": state, "param_groups": osd["param_groups"]}
 
 
-def _is_per_expert(v, p: torch.Tensor) -> bool:
-    return torch.is_tensor(v) and v.shape == p.shape and v.ndim >= 1
-
-
-# ------------------------------------------------------------------------------ data parallelism
+# ---------------------------------------------------------------------------- what ranks share
 
 
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers to every rank (unsharded models: before
-    ``shard_experts``), as DDP does at construction."""
+    """Copy rank ``src``'s parameters and buffers to every rank (before any sharding), as DDP does
+    at construction."""
     if get_world_size() <= 1:
         return
     for t in [*model.parameters(), *model.buffers()]:
         if not is_sharded(t):
             dist.broadcast(t.data, src)
-
-
-@torch.no_grad()
-def all_reduce_gradients(params: Iterable[torch.Tensor], group=None) -> None:
-    """Sum the gradients of replicated parameters over the ranks (callers scale each rank's loss by
-    its share of the global batch first, so the sum is the gradient of the global mean). Sharded
-    parameters are skipped. A parameter that has no gradient on every rank keeps none (the
-    optimizer then skips it, as in one process); one missing on some ranks only counts as zero."""
-    params = [p for p in params if p.requires_grad and not is_sharded(p)]
-    if get_world_size(group) <= 1 or not params:
-        return
-    dev = params[0].device
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
-    dist.all_reduce(has, dist.ReduceOp.MAX, group=group)
-    live = [p for p, h in zip(params, has.tolist()) if h]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: dict[tuple, list[torch.Tensor]] = {}
-    for p in live:
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-@torch.no_grad()
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, group=None) -> float:
-    """Clip to a global gradient norm over every rank's parameters: replicated gradients (identical
-    on every rank after ``all_reduce_gradients``) count once, sharded ones are summed over ranks.
-    Every rank gets the same norm and scale, so replicated parameters stay in sync."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    dev = grads[0].device
-    dense = [g for p in params if p.grad is not None and not is_sharded(p) for g in [p.grad]]
-    sharded = [g for p in params if p.grad is not None and is_sharded(p) for g in [p.grad]]
-    sq = torch.zeros(2, dtype=torch.float64, device=dev)
-    if dense:
-        sq[0] = torch.stack([g.detach().double().square().sum() for g in dense]).sum()
-    if sharded:
-        sq[1] = torch.stack([g.detach().double().square().sum() for g in sharded]).sum()
-    if get_world_size(group) > 1:
-        dist.all_reduce(sq[1:], group=group)
-    total = float(sq.sum().sqrt())
-    coef = max_norm / (total + 1e-6)
-    if coef < 1 and total == total:
-        for g in grads:
-            g.mul_(coef)
-    return total
 
 
 def follow_schedule(model: nn.Module, lr: float) -> None:
@@ -532,7 +287,7 @@ def follow_schedule(model: nn.Module, lr: float) -> None:
 def num_parameters(model: nn.Module) -> int:
     """Parameters of the whole model: replicated ones once, sharded ones summed over the ranks."""
     local = [p for p in model.parameters()]
-    total = sum(p.numel() for p in local if not is_sharded(p))
+    total = sum(p.numel() for p in local if not is_sharded(p))  # a DTensor's numel is its whole size
     sharded = sum(p.numel() for p in local if is_sharded(p))
     if get_world_size() > 1 and any(is_sharded(p) for p in local):
         t = torch.tensor([sharded], dtype=torch.int64, device=local[0].device)

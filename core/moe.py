@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from core.experts import Experts, dispatch_combine
+from core.dispatch import LocalDispatcher
+from core.experts import Experts
 from core.routers.base import Router, check_positive_int
 from core.routing import Routing, check_float_input, check_token_ids, check_token_mask
 
@@ -140,6 +141,8 @@ class MoE(nn.Module):
         self.register_buffer("stat_counters", torch.zeros(5, dtype=torch.float64), persistent=False)
         self.last_routing: Routing | None = None
         self.keep_last_routing = False
+        # how kept assignments reach the experts: here (default) or over ranks (``core.dispatch``)
+        self.dispatcher = LocalDispatcher()
 
     def _groups(self, x: torch.Tensor, mask, token_ids):
         """(…, D) -> G×S×D plus the matching mask and token ids, padding a last partial group."""
@@ -185,6 +188,10 @@ class MoE(nn.Module):
         x_TD, x_GSD, mask_GS, ids_GS, T = self._groups(x, mask, token_ids)
         kwargs = {} if ids_GS is None else {"token_ids_GS": ids_GS}
         routing = self.router(x_GSD, mask_GS, **kwargs)
+        if (routing.is_merged or routing.is_soft) and not self.dispatcher.is_local:
+            raise ValueError(f"{type(self.router).__name__} mixes every token with every expert, so its experts cannot "
+                             "live on different ranks (trainer.expert_parallel=true): pick a sparse router (topk, "
+                             "expert_choice, deepseek, ...) or set trainer.expert_parallel=false.")
         if routing.is_merged:
             y_TO = self.experts.forward_merged(x_GSD, routing.merge_GE).reshape(x_TD.shape[0], -1)
             if mask_GS is not None:  # a merged FFN runs on every token of its group; masked ones get 0
@@ -225,10 +232,7 @@ class MoE(nn.Module):
         return y_TO
 
     def _combine_sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        args = (x_TD, routing.token_idx_N, routing.expert_idx_N, routing.weight_N)
-        if hasattr(self.experts, "forward_routed"):  # fused gather/experts/combine (core.experts)
-            return self.experts.forward_routed(*args)
-        return dispatch_combine(self.experts, *args)
+        return self.dispatcher(self.experts, x_TD, routing.token_idx_N, routing.expert_idx_N, routing.weight_N)
 
     def _combine_soft(self, x_GSD: torch.Tensor, routing: Routing) -> torch.Tensor:
         G, S, _ = x_GSD.shape

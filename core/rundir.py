@@ -34,11 +34,12 @@ __all__ = ["RunLock", "SAFE_TO_CHANGE", "changed_keys", "check_fresh_directory",
 SAFE_TO_CHANGE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.resume", "trainer.eval_every_epochs",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.checkpoint_every_steps", "trainer.progress",
-    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "sharding", "threads", "output_dir",
+    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "trainer.data_parallel", "sharding", "threads", "output_dir",
     "data.eval_batch_size", "logger", "plots",
 )
 # what a run leaves in its directory (Hydra's own .hydra/ and the log are not a run's work)
-RUN_FILES = ("checkpoints/last.ckpt", "checkpoints/prev.ckpt", "history.jsonl", "metrics.json")
+RUN_FILES = ("checkpoints/last.ckpt", "checkpoints/prev.ckpt", "checkpoints/last.dcp", "checkpoints/prev.dcp",
+             "history.jsonl", "metrics.json")
 
 
 def check_fresh_directory(out_dir: Path, key: str) -> None:
@@ -53,21 +54,17 @@ def check_fresh_directory(out_dir: Path, key: str) -> None:
 
 def readable_checkpoint(resume: bool | str, out_dir: Path) -> tuple[Path, dict]:
     """The newest readable checkpoint ``trainer.resume`` asks for (True: this run directory's; a path:
-    that run directory's or that file), or a ``ConfigError`` naming every file looked at and why it
-    cannot be used."""
-    from core.engine import load_checkpoint
+    that run directory's, that file or that distributed-checkpoint directory), or a ``ConfigError``
+    naming every file looked at and why it cannot be used."""
+    from core.engine.checkpoint import checkpoint_candidates, read_checkpoint
 
-    where = out_dir / "checkpoints" if resume is True else Path(str(resume)).expanduser()
-    if resume is not True and where.is_dir() and (where / "checkpoints").is_dir():
-        where = where / "checkpoints"
-    candidates = [where] if where.is_file() else [where / "last.ckpt", where / "prev.ckpt"]
     reasons = []
-    for cand in candidates:
+    for cand in checkpoint_candidates(resume, out_dir):
         if not cand.exists():
             reasons.append(f"{cand}: no such file")
             continue
         try:
-            return cand, load_checkpoint(cand)
+            return cand, read_checkpoint(cand)
         except Exception as err:  # truncated, corrupt, or not a checkpoint at all
             reasons.append(f"{cand}: {err}")
     raise ConfigError("trainer.resume", resume, "there is no readable checkpoint to resume (" + "; ".join(reasons)

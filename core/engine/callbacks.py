@@ -60,7 +60,12 @@ class Callback:
     on ``trainer.is_main`` only). The ``state`` passed is the live ``TrainState``: read it, do not
     change it. The time spent in ``on_step_start`` and ``on_step_end`` is left out of the training
     throughput.
+
+    A callback that runs the model itself (a forward on some batches) sets ``calls_model = True``:
+    under FSDP its hooks then run with the root's parameters gathered (``core.parallel``).
     """
+
+    calls_model: bool = False
 
     def on_fit_start(self, trainer, model: nn.Module, state: TrainState) -> None:
         """The model is on the device and any resume happened: ``state.step`` is the first step to

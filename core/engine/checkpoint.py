@@ -1,6 +1,7 @@
-"""Checkpoint files and the generator states they hold.
+"""Checkpoint files and directories, and the generator states they hold.
 
-A checkpoint is a plain ``torch.save`` file (``torch.load(path)`` reads it, ``weights_only=True``
+One process writes a checkpoint file; several ranks write a directory with
+``torch.distributed.checkpoint`` (below). A checkpoint file is a plain ``torch.save`` file (``torch.load(path)`` reads it, ``weights_only=True``
 included) with a sidecar ``<name>.sha256`` holding the SHA-256 of its bytes (``sha256sum -c`` format).
 Both are written to temporary files and fsynced, then moved into place so that at every moment one
 verified pair survives: the previous ``last.ckpt`` (and its checksum) becomes ``prev.ckpt``, then the
@@ -8,6 +9,16 @@ new checksum and last the new ``last.ckpt`` appear. A crash mid-write leaves a r
 a damaged file, or one without its checksum, is detected and skipped. Files of the earlier format
 (``MOECKPT1`` + the checksum + the payload in one file) still load. What the payload holds (model,
 optimizer, scheduler, RNG states, ``TrainState``) is the loop's business (``Trainer._save``).
+
+A distributed checkpoint (``last.dcp/``, written by every rank of a ``torchrun`` run) holds the model
+and optimizer as ``torch.distributed.checkpoint`` writes them: each rank its own shards (FSDP's and
+the experts' DTensor shards; replicated tensors once), with the global shapes in ``.metadata``, so
+that loading reshards to any number of ranks and any layout, one process included. Beside them,
+``trainer_state.pt`` (rank 0: schedule, position, every rank's generators, configs) and last
+``MANIFEST.sha256`` (``sha256sum -c`` format, every file of the directory). Every rank writes into
+``last.dcp.tmp/``; when all are done rank 0 writes the manifest and renames: the previous directory
+becomes ``prev.dcp/``, the new one ``last.dcp/``. A crash mid-save leaves the previous checkpoints;
+a directory whose files do not match its manifest (or without one) is skipped as unreadable.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import logging
 import os
 import random
 from pathlib import Path
+
+import shutil
 
 import numpy as np
 import torch
@@ -133,21 +146,156 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not a checkpoint (torch.load: {err}).") from None
 
 
-def find_checkpoint(resume: bool | str, out_dir: Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint for ``resume`` (True: this run directory; a path: that run
-    directory or file); falls back from ``last.ckpt`` to ``prev.ckpt`` when the last is unreadable."""
+# ------------------------------------------------------------------------- distributed checkpoints
+
+MANIFEST = "MANIFEST.sha256"
+STATE_FILE = "trainer_state.pt"
+
+
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``save_distributed_checkpoint``."""
+    path = Path(path)
+    return path.is_dir() and ((path / MANIFEST).exists() or (path / ".metadata").exists())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_distributed_checkpoint(path: str | os.PathLike, tensors: dict, extra: dict | None, is_main: bool) -> None:
+    """Every rank: write ``tensors`` (``{"model": ..., "optimizer": ...}`` state dicts of DTensor
+    shards and plain tensors) with ``torch.distributed.checkpoint`` into the directory ``path``;
+    rank 0 (``is_main``) adds ``extra`` as ``trainer_state.pt`` and the manifest, then moves the
+    directory into place (the previous one becomes ``prev.dcp``). A collective; on a failed write
+    every rank raises ``WriteError`` and the earlier checkpoints are as they were."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from core.distributed import all_gather_object
+    from core.engine.records import WriteError
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    prev = path.with_name("prev" + path.suffix)
+    error = None
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    except Exception as err:  # every rank learns below whether any rank failed
+        error = f"{type(err).__name__}: {err}"
+    if is_main and error is None:
+        try:
+            buf = io.BytesIO()
+            torch.save(extra or {}, buf)
+            _write_synced(tmp / STATE_FILE, buf.getvalue())
+            lines = b"".join(_checksum_line(_sha256_file(f), f.relative_to(tmp).as_posix())
+                             for f in sorted(tmp.rglob("*")) if f.is_file())
+            _write_synced(tmp / MANIFEST, lines)
+            _fsync_dir(tmp)
+            if path.exists():
+                shutil.rmtree(prev, ignore_errors=True)
+                os.replace(path, prev)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as err:
+            error = f"{err.strerror or err}"
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise WriteError(0, f"writing {path} failed: {errors[0]}; {kept}; free space or fix the directory's "
+                         "permissions, then resume the run")
+
+
+def verify_distributed_checkpoint(path: str | os.PathLike) -> dict:
+    """Check every file of the directory against its manifest and return ``trainer_state.pt``'s
+    content; ``ValueError`` naming the first missing, extra or damaged file."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    try:
+        lines = manifest.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a verified checkpoint: {MANIFEST} is missing (a crash before the save "
+                         "finished, or the directory was copied without it).") from None
+    listed = {}
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        listed[name.strip()] = digest.strip().lower()
+    for name, digest in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"{path} is incomplete: {name} is missing.")
+        if _sha256_file(f) != digest:
+            raise ValueError(f"{path} is corrupt: {name} does not match its checksum in {MANIFEST}.")
+    if STATE_FILE not in listed:
+        raise ValueError(f"{path} is not a training checkpoint: it has no {STATE_FILE}.")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return {**state, "format": "dcp"}
+
+
+def load_distributed_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """Fill ``tensors`` (state dicts shaped for this run's layout) in place from the directory,
+    resharding as needed (any number of ranks wrote it; one process may read it)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(tensors, checkpoint_id=str(path))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A verified checkpoint file's payload, or a distributed checkpoint's ``trainer_state.pt`` (with
+    ``format: dcp``); ``ValueError`` when it is damaged, incomplete or no checkpoint."""
+    path = Path(path)
+    return verify_distributed_checkpoint(path) if path.is_dir() else load_checkpoint(path)
+
+
+def checkpoint_candidates(resume: bool | str, out_dir: Path) -> list[Path]:
+    """Where ``resume`` (True: this run directory; a path: that run directory, checkpoint file or
+    checkpoint directory) may find a checkpoint, the one to try first first: the newer of
+    ``last.ckpt`` (one process) and ``last.dcp/`` (several ranks), then the previous ones."""
     if resume is True:
         where = out_dir / "checkpoints"
     else:
-        where = Path(str(resume))
+        where = Path(str(resume)).expanduser()
         if where.is_dir() and (where / "checkpoints").is_dir():
             where = where / "checkpoints"
-    candidates = [where] if where.is_file() else [where / "last.ckpt", where / "prev.ckpt"]
+    if where.is_file() or is_distributed_checkpoint(where):
+        return [where]
+
+    def newest_first(names):
+        present = [where / n for n in names if (where / n).exists()]
+        return sorted(present, key=lambda p: p.stat().st_mtime, reverse=True) or [where / names[0]]
+
+    return newest_first(["last.ckpt", "last.dcp"]) + newest_first(["prev.ckpt", "prev.dcp"])
+
+
+def find_checkpoint(resume: bool | str, out_dir: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint for ``resume`` (see ``checkpoint_candidates``), falling back to
+    the previous one when it is unreadable. A distributed checkpoint comes back as the content of
+    its ``trainer_state.pt`` with ``format: dcp``."""
+    candidates = checkpoint_candidates(resume, out_dir)
+    where = candidates[0].parent
     for cand in candidates:
         if not cand.exists():
             continue
         try:
-            return cand, load_checkpoint(cand)
+            return cand, read_checkpoint(cand)
         except Exception as err:  # a half-written or damaged file: say so and try the previous one
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", cand, err)
     if resume is not True:

@@ -47,9 +47,12 @@ class TrainerConfig:
         progress: tqdm bar: ``auto`` (only on a terminal), true or false.
         save_model: write the final weights as a plain state dict, ``<out_dir>/model.pt`` (e.g. the
             dense model that ``upcycle_from=`` starts an MoE from).
+        data_parallel: under torchrun, ``ddp`` (``DistributedDataParallel``) or ``fsdp`` (FSDP2's
+            ``fully_shard`` per block: parameters, gradients and optimizer state sharded over the
+            ranks); see ``core.parallel``. No effect in one process.
         expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
-            (``core.distributed.shard_experts``); False: every rank holds every expert (plain data
-            parallelism). No effect in one process.
+            (DTensor shards on a device mesh, all-to-all dispatch: ``core.parallel.shard_experts``);
+            False: every rank holds every expert. No effect in one process.
         optimizer: ``adamw`` (the suite's AdamW: no decay on biases, norms and scalars) or any name of
             timm's ``create_optimizer_v2`` (``timm.optim.list_optimizers()``: sgd, lamb, lion, ...), built
             with ``lr``, ``weight_decay`` and, where the optimizer takes them, ``betas`` and ``eps``.
@@ -81,6 +84,7 @@ class TrainerConfig:
     eval_every_epochs: int = 1
     progress: bool | str = "auto"
     save_model: bool = True
+    data_parallel: str = "ddp"
     expert_parallel: bool = False
     compile: bool = False
     optimizer: str = "adamw"
@@ -120,6 +124,8 @@ class TrainerConfig:
         if not (isinstance(self.resume, (bool, os.PathLike)) or (isinstance(self.resume, str) and self.resume)):
             raise ValueError(f"trainer.resume={self.resume!r} is not allowed: use true, false or the path of a run "
                              "directory or checkpoint file.")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"trainer.data_parallel={self.data_parallel!r} is not allowed: use ddp or fsdp.")
         for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")

@@ -27,7 +27,8 @@ from core import distributed as dist_utils
 from core import stats
 from core.checks import ConfigError
 from core.engine.callbacks import Callback, TrainState
-from core.engine.checkpoint import find_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.engine.checkpoint import (find_checkpoint, load_distributed_tensors, rng_state, save_checkpoint,
+                                    save_distributed_checkpoint, set_rng_state)
 from core.engine.config import TrainerConfig, derive_seed, resolve_device
 from core.engine.loaders import batch_size_of, iter_batches, move_to
 from core.engine.optim import build_optimizer, build_scheduler
@@ -38,6 +39,11 @@ from core.engine.records import (EvalFn, append_history, final_metrics, json_val
 log = logging.getLogger(__package__)
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,7 +64,8 @@ class _Run:
     callbacks: tuple
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    params: list              # the trainable parameters (gradient sync, clipping)
+    parallel: Any             # ``core.parallel.Parallel``: the module called for the loss, DDP/FSDP's hooks
+    params: list              # the trainable parameters (clipping)
     steps_per_epoch: int
     total_steps: int
     step_records: bool        # a callback overrides on_step_end: build every step's record, logged or not
@@ -154,10 +161,16 @@ class Trainer:
                  count_examples: Callable[[Any], int], callbacks: tuple) -> _Run:
         """The run directory, the model on the device (spread over the ranks under torchrun), the
         optimizer and the schedule."""
+        from core.parallel import Parallel
+
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
-        self._distribute(model)
+        # under torchrun: rank 0's weights everywhere, the experts over the ranks, DDP or FSDP around the loss
+        parallel = Parallel(model, loss_fn, cfg.data_parallel, cfg.expert_parallel, self.device, self.bf16)
+        model = parallel.model  # under FSDP a copy that trains sharded; the caller's is refilled at the end
+        if self.world_size > 1:  # a random stream per rank (router noise, dropout) derived from the seed
+            torch.manual_seed(derive_seed(self.seed, self.rank, self.world_size))
         if cfg.compile:  # in place: state_dict keys stay those of the uncompiled model
             model.compile()
         steps_per_epoch = len(train_loader)
@@ -171,7 +184,7 @@ class Trainer:
         return _Run(
             model=model, train_loader=train_loader, loss_fn=loss_fn, evaluate=evaluate, eval_loaders=eval_loaders,
             count_examples=count_examples, callbacks=callbacks, optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, cfg, total_steps),
+            scheduler=build_scheduler(optimizer, cfg, total_steps), parallel=parallel,
             params=[p for p in model.parameters() if p.requires_grad],
             steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             # records for steps that are not logged cost a device sync each: only for a callback that reads them
@@ -219,9 +232,8 @@ class Trainer:
         model = run.model
         batch = move_to(batch, self.device)
         n = run.count_examples(batch)
-        with self.autocast():
-            task_loss, logs = run.loss_fn(model, batch)
-        aux_terms = stats.aux_loss_terms(model)
+        with self.autocast():  # the loss through DDP/FSDP's module when several ranks train
+            task_loss, logs, aux_terms = run.parallel.module(batch)
         loss = task_loss.float() + stats.collect_aux_loss(model)
         bad = None if torch.isfinite(loss) else self._offending_term(task_loss, aux_terms)
         share, n, bad, loss_value = self._across_ranks(loss, n, bad)
@@ -248,8 +260,8 @@ class Trainer:
         """Gradients of the global mean loss, summed over the ranks and clipped; returns ``(gradient
         norm or None without clipping, why the step must be skipped or None)``."""
         (loss if share == 1.0 else loss * share).backward()
-        self._sync_gradients(run.params)
-        grad_norm = self._clip(run.params)
+        run.parallel.after_backward()
+        grad_norm = self._clip(run)
         if grad_norm is not None and not math.isfinite(grad_norm):
             return grad_norm, f"gradient norm={grad_norm}"
         return grad_norm, None
@@ -352,7 +364,8 @@ class Trainer:
 
     def _evaluate(self, run: _Run, state: TrainState) -> None:
         """Evaluate the current model into ``state.last_eval``, then ``on_evaluate``."""
-        state.last_eval = self._evaluate_all(run.model, run.evaluate, run.eval_loaders)
+        with run.parallel.full_root():
+            state.last_eval = self._evaluate_all(run.model, run.evaluate, run.eval_loaders)
         state.last_eval_step = state.step
         if run.eval_loaders:
             self._notify(run, "on_evaluate", state, state.last_eval)
@@ -365,8 +378,8 @@ class Trainer:
         if state.last_eval_step != state.step:  # e.g. resumed from a run that had already finished
             self._evaluate(run, state)
         state.wall_time_s = run.wall_before + time.perf_counter() - run.t_start
-        # experts back on every rank: the caller gets the whole model, as from one process
-        dist_utils.unshard_experts(run.model)
+        # the caller's model, whole on every rank (experts gathered, FSDP's shards put together)
+        run.model = run.parallel.finish()
         metrics = final_metrics(self, run.model, state, run.evaluate, run.eval_loaders, run.total_steps)
         if self.world_size > 1:
             metrics = dist_utils.broadcast_object({**metrics, "world_size": self.world_size,
@@ -387,24 +400,11 @@ class Trainer:
         if not run.callbacks:
             return 0.0
         t0 = time.perf_counter()
-        for callback in run.callbacks:
-            getattr(callback, hook)(self, run.model, *args)
+        gather = hook != "on_fit_end" and any(cb.calls_model and _overrides(cb, hook) for cb in run.callbacks)
+        with run.parallel.full_root() if gather else contextlib.nullcontext():
+            for callback in run.callbacks:
+                getattr(callback, hook)(self, run.model, *args)
         return time.perf_counter() - t0
-
-    def _distribute(self, model: nn.Module) -> None:
-        """Under torchrun: rank 0's starting weights on every rank, then (``expert_parallel``) each
-        MoE layer's experts spread over the ranks, and a random stream per rank (router noise,
-        dropout) derived from the seed."""
-        if self.world_size <= 1:
-            return
-        dist_utils.broadcast_parameters(model)
-        if self.cfg.expert_parallel:
-            layers = dist_utils.shard_experts(model)
-            if layers:
-                log.info("expert parallelism: %d MoE layers spread over %d ranks", layers, self.world_size)
-            else:
-                log.info("trainer.expert_parallel=true: the model has no core MoE layer; plain data parallelism")
-        torch.manual_seed(derive_seed(self.seed, self.rank, self.world_size))
 
     def _across_ranks(self, loss: torch.Tensor, n: int, bad: str | None) -> tuple[float, int, str | None, float]:
         """``(share, global examples, agreed non-finite reason, global mean loss)``. Every rank takes or
@@ -421,17 +421,11 @@ class Trainer:
             bad = f"loss on {int(ranks_bad)} other rank(s)"
         return n / total, int(total), bad, loss_sum / total
 
-    def _sync_gradients(self, params) -> None:
-        """Sum the replicated parameters' gradients over the ranks (sharded experts excluded)."""
-        if self.world_size > 1:
-            dist_utils.all_reduce_gradients(params)
-
-    def _clip(self, params) -> float | None:
-        """Clip the global gradient norm to ``grad_clip``; returns the norm before clipping (None: no clipping)."""
+    def _clip(self, run: _Run) -> float | None:
+        """Clip the global gradient norm to ``grad_clip`` (one norm over every rank's shards); returns
+        the norm before clipping (None: no clipping)."""
         if self.cfg.grad_clip:
-            if self.world_size > 1:  # one norm over every rank's gradients: replicas stay identical
-                return dist_utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            return run.parallel.clip_grad_norm_(run.params, self.cfg.grad_clip)
         return None
 
     @staticmethod
@@ -500,45 +494,73 @@ class Trainer:
             write_atomic(self.out_dir / "model.pt", lambda f: torch.save(weights, f))
 
     def _save(self, run: _Run, state: TrainState) -> None:
-        """Write the checkpoint in the unsharded layout (rank 0 writes; every rank takes part). A
-        non-finite parameter stops the run instead: a checkpoint is always one to resume from."""
+        """Write the checkpoint: one file in one process (rank 0 alone writes it), a
+        ``torch.distributed.checkpoint`` directory of every rank's shards under torchrun (models with
+        torchrec-sharded tables: one file in the whole layout). A non-finite parameter stops the run
+        instead: a checkpoint is always one to resume from."""
         model = run.model
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
         if self.world_size > 1:
             bad = [name for names in dist_utils.all_gather_object(bad[:1]) for name in names]
         for name in bad[:1]:
             raise NonFiniteLossError(f"parameter {name} is not finite at step {state.step}: checkpoint not written.")
         state.wall_time_s = run.wall_before + time.perf_counter() - run.t_start
-        sd = dist_utils.full_state_dict(model)
-        payload = {
-            "model": sd,
-            "buffers": dist_utils.checkpoint_buffers(model, exclude=sd),
-            "optimizer": dist_utils.full_optimizer_state_dict(model, run.optimizer),
-            "optimizer_params": dist_utils.optimizer_param_names(model, run.optimizer),
+        common = {
             "scheduler": run.scheduler.state_dict(),
             "rng": rng_state(),
             "state": dataclasses.asdict(state),
             "trainer": dataclasses.asdict(self.cfg),
             "info": self.info,
             "config": self.run_config,
+            "world_size": self.world_size,
         }
         if self.world_size > 1:
-            payload["rng_ranks"] = dist_utils.all_gather_object(payload["rng"])
+            common["rng_ranks"] = dist_utils.all_gather_object(common["rng"])
+        if self._distributed_checkpoint(run):
+            model_sd, optim_sd = run.parallel.state_dicts(run.optimizer)
+            extra = {**common, "buffers": dist_utils.checkpoint_buffers(model, exclude=model_sd)}
+            save_distributed_checkpoint(self.ckpt_path.with_suffix(".dcp"), {"model": model_sd, "optimizer": optim_sd},
+                                        extra, self.is_main)
+            return
+        sd = dist_utils.full_state_dict(model)
+        payload = {
+            "model": sd,
+            "buffers": dist_utils.checkpoint_buffers(model, exclude=sd),
+            "optimizer": dist_utils.full_optimizer_state_dict(run.optimizer),
+            "optimizer_params": dist_utils.optimizer_param_names(model, run.optimizer),
+            **common,
+        }
         if self.is_main:
             save_checkpoint(self.ckpt_path, payload)
 
+    def _distributed_checkpoint(self, run: _Run) -> bool:
+        """Several ranks write a ``torch.distributed.checkpoint`` directory, unless torchrec shards
+        embedding tables (their fused optimizer state has no such form here)."""
+        return run.parallel.mode is not None and not any(dist_utils.is_sharded(p) for p in run.model.parameters())
+
     def _resume(self, run: _Run) -> TrainState:
         """Model, optimizer, schedule, generators and position from the newest readable checkpoint
-        (a fresh state and no history when there is none); history lines after it are dropped."""
+        (a fresh state and no history when there is none); history lines after it are dropped.
+        Whatever wrote it (one process or W ranks, DDP or FSDP, experts spread or not), the weights
+        and optimizer state are resharded to this run's layout."""
         found = find_checkpoint(self.cfg.resume, self.out_dir)
         if found is None:  # starting over would overwrite the run that was asked for
             raise ValueError(f"trainer.resume={self.cfg.resume!r}: there is no readable checkpoint in "
                              f"{self.out_dir / 'checkpoints'}; start a new run without trainer.resume.")
         path, ck = found
-        # checkpoints hold every expert: each rank takes its slice, whatever the number of ranks that wrote it
-        dist_utils.load_full_state_dict(run.model, ck["model"])
+        if ck.get("format") == "dcp":
+            model_sd, optim_sd = run.parallel.state_dicts(run.optimizer)
+            tensors = {"model": model_sd, "optimizer": optim_sd}
+            load_distributed_tensors(path, tensors)
+            run.parallel.load_state_dicts(run.optimizer, tensors["model"], tensors["optimizer"])
+        elif self._distributed_checkpoint(run):  # a one-process file: every rank takes its shards
+            named = dist_utils.named_optimizer_state(ck["optimizer"], ck.get("optimizer_params"))
+            run.parallel.load_state_dicts(run.optimizer, ck["model"], named, full=True)
+        else:
+            dist_utils.load_full_state_dict(run.model, ck["model"])
+            dist_utils.load_full_optimizer_state_dict(run.model, run.optimizer, ck["optimizer"],
+                                                      ck.get("optimizer_params"))
         dist_utils.load_checkpoint_buffers(run.model, ck.get("buffers", {}))
-        dist_utils.load_full_optimizer_state_dict(run.model, run.optimizer, ck["optimizer"], ck.get("optimizer_params"))
         run.scheduler.load_state_dict(ck["scheduler"])
         state = TrainState(**ck["state"])
         rng_ranks = ck.get("rng_ranks") or [ck["rng"]]

@@ -1,6 +1,7 @@
-"""core.distributed with two real processes on gloo: the expert-parallel MoE layer equals the
-single-process layer (outputs, input gradients, every parameter gradient), full-layout state round
-trips, and the pieces that need no process group."""
+"""core.parallel and core.distributed with two real processes on gloo: a MoE layer trained through
+DDP or FSDP2, with its experts spread over the ranks (DTensor shards, all-to-all dispatch) or not,
+equals the single-process layer (outputs, input gradients, every parameter gradient, the clipped
+norm); whole-layout state round trips; and the pieces that need no process group."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import torch.multiprocessing as mp
 
 from core import after_optimizer_step, collect_aux_loss
 from core.distributed import (
-    ExpertParallel, all_reduce_gradients, clip_grad_norm_, full_optimizer_state_dict, full_state_dict,
-    get_rank, get_world_size, is_sharded, load_full_optimizer_state_dict, load_full_state_dict, shard_experts, sum_router_loads, sum_routing_stats,
-    unshard_experts,
+    full_optimizer_state_dict, full_state_dict, get_rank, get_world_size, load_full_optimizer_state_dict,
+    load_full_state_dict, sum_router_loads, sum_routing_stats,
 )
 from core.lora_experts import LoRAExperts
 from core.moe import MoE
+from core.parallel import Parallel, device_mesh, gather_experts, shard_experts
 from core.routers.deepseek import DeepSeekRouter
 from core.routers.expert_choice import ExpertChoiceRouter
 from core.routers.soft import SoftRouter
@@ -110,7 +111,19 @@ def _step(layer: MoE, x: torch.Tensor, cot: torch.Tensor):
     return y.detach(), x.grad
 
 
+def _loss(layer, batch):
+    x, cot = batch
+    y = layer(x)
+    return (y * cot).sum(), {"y": y}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _equivalence_check(rank: int, world: int) -> None:
+    from torch.distributed.tensor import DTensor
+
     x, cot = _inputs()
     for case in CASES:
         ref = _layer(case)
@@ -120,36 +133,38 @@ def _equivalence_check(rank: int, world: int) -> None:
             ref_out.append(y)
             ref_dx.append(dx)
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-
-        ep = _layer(case)
-        assert shard_experts(ep) == 1
-        assert isinstance(ep.experts, ExpertParallel) and ep.experts.num_experts == E // world
-        per_expert = [p for n, p in ep.experts.named_parameters(recurse=False)]
-        assert per_expert and all(p.shape[0] == E // world and is_sharded(p) for p in per_expert)
-        y, dx = _step(ep, x[rank], cot[rank])
-        torch.testing.assert_close(y, ref_out[rank], msg=f"{case}: outputs differ")
-        torch.testing.assert_close(dx, ref_dx[rank], msg=f"{case}: input gradients differ")
-        all_reduce_gradients(ep.parameters())
-        grads = {n: p.grad for n, p in ep.named_parameters()}
-        L = E // world
-        for name, g in grads.items():
-            if is_sharded(dict(ep.named_parameters())[name]):
-                gathered = [torch.empty_like(g) for _ in range(world)]
-                dist.all_gather(gathered, g)
-                torch.testing.assert_close(torch.cat(gathered), ref_grads[name], msg=f"{case}: {name} grad differs")
-                torch.testing.assert_close(g, ref_grads[name][rank * L:(rank + 1) * L])
-            else:
-                torch.testing.assert_close(g, ref_grads[name], msg=f"{case}: {name} grad differs")
-        assert set(grads) == set(ref_grads)
-        # routing statistics: each rank counts its own tokens; summed over ranks they are one process's
-        sum_routing_stats(ep)
-        torch.testing.assert_close(ep.stat_tokens_E, ref.stat_tokens_E)
-        torch.testing.assert_close(ep.stat_counters[:4], ref.stat_counters[:4])
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1e9))
+        for mode in ("ddp", "fsdp"):
+            for experts_spread in (True, False):
+                what = f"{case} {mode} expert_parallel={experts_spread}"
+                par = Parallel(_layer(case), _loss, mode, expert_parallel=experts_spread)
+                layer = par.model
+                if experts_spread:
+                    assert layer.experts.num_experts == E // world and not layer.dispatcher.is_local
+                    per_expert = [p for _, p in layer.experts.named_parameters(recurse=False)]
+                    assert per_expert and all(isinstance(p, DTensor) and p.to_local().shape[0] == E // world
+                                              for p in per_expert)
+                xr = x[rank].clone().requires_grad_(True)
+                task, logs, aux = par.module((xr, cot[rank]))
+                (task + collect_aux_loss(layer)).backward()
+                par.after_backward()
+                torch.testing.assert_close(logs["y"].detach(), ref_out[rank], msg=f"{what}: outputs differ")
+                torch.testing.assert_close(xr.grad, ref_dx[rank], msg=f"{what}: input gradients differ")
+                grads = {n: p.grad for n, p in layer.named_parameters()}
+                assert set(grads) == set(ref_grads), what
+                for name, g in grads.items():
+                    torch.testing.assert_close(_whole(g), ref_grads[name], msg=f"{what}: {name} grad differs")
+                norm = par.clip_grad_norm_([p for p in layer.parameters()], 1e9)
+                assert norm == pytest.approx(ref_norm, rel=1e-5), what
+                # routing statistics: each rank counts its own tokens; summed over ranks they are one process's
+                sum_routing_stats(layer)
+                torch.testing.assert_close(layer.stat_tokens_E, ref.stat_tokens_E)
+                torch.testing.assert_close(layer.stat_counters[:4], ref.stat_counters[:4])
         # DeepSeek's bias update sees the global batch's load once the pending loads are summed
-        sum_router_loads(ep)
+        sum_router_loads(layer)
         after_optimizer_step(ref)
-        after_optimizer_step(ep)
-        for (name, a), b in zip(ref.named_buffers(), ep.buffers()):
+        after_optimizer_step(layer)
+        for (name, a), b in zip(ref.named_buffers(), layer.buffers()):
             if name.startswith("router."):
                 torch.testing.assert_close(b, a, msg=f"{case}: {name} differs after the optimizer step")
 
@@ -163,37 +178,34 @@ def _state_check(rank: int, world: int) -> None:
     full = _layer("topk_dropless")
     reference = {k: v.clone() for k, v in full.state_dict().items()}
     ep = _layer("topk_dropless")
-    shard_experts(ep)
-    # the full layout, gathered, is the unsharded state dict
+    shard_experts(ep, device_mesh("cpu"))
+    # the whole layout, gathered, is the unsharded state dict
     sd = full_state_dict(ep)
     assert set(sd) == set(reference)
     for k in reference:
         torch.testing.assert_close(sd[k], reference[k])
-    # loading a full state dict slices it
+    # loading a whole state dict takes each rank's part
     other = {k: v + 1 for k, v in reference.items()}
     load_full_state_dict(ep, other)
     L = E // world
-    torch.testing.assert_close(ep.experts.w1_EDF, other["experts.w1_EDF"][rank * L:(rank + 1) * L])
+    torch.testing.assert_close(ep.experts.w1_EDF.to_local(), other["experts.w1_EDF"][rank * L:(rank + 1) * L])
     torch.testing.assert_close(ep.router.weight, other["router.weight"])
-    # optimizer state: gathered to E rows, sliced back on load
+    # optimizer state: gathered to E rows, each rank's part back on load
     opt = torch.optim.AdamW(ep.parameters(), lr=0.1)
     x, cot = _inputs()
     _step(ep, x[rank], cot[rank])
-    all_reduce_gradients(ep.parameters())
-    norm = clip_grad_norm_(list(ep.parameters()), 1e9)
-    assert norm > 0
     opt.step()
-    osd = full_optimizer_state_dict(ep, opt)
+    osd = full_optimizer_state_dict(opt)
     exp_avg = [s["exp_avg"] for s in osd["state"].values()]
-    assert any(t.shape[0] == E and t.ndim == 3 for t in exp_avg)  # w1/w2 moments in the full layout
+    assert any(t.shape[0] == E and t.ndim == 3 and not hasattr(t, "to_local") for t in exp_avg)
     opt2 = torch.optim.AdamW(ep.parameters(), lr=0.1)
     load_full_optimizer_state_dict(ep, opt2, osd)
     for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
-        torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
-    # back to one full layer on every rank
-    unshard_experts(ep)
-    assert type(ep.experts).__name__ == "Experts" and ep.experts.num_experts == E
-    assert ep.experts.w1_EDF.shape[0] == E
+        torch.testing.assert_close(_whole(s1["exp_avg"]), _whole(s2["exp_avg"]))
+    # back to one whole layer on every rank
+    gather_experts(ep)
+    assert ep.dispatcher.is_local and ep.experts.num_experts == E
+    assert ep.experts.w1_EDF.shape[0] == E and not hasattr(ep.experts.w1_EDF, "to_local")
 
 
 def test_full_layout_state_round_trips(outcomes):
@@ -205,7 +217,7 @@ def _soft_check(rank: int, world: int) -> None:
     layer = MoE(D, F, num_experts=E, router=functools.partial(SoftRouter))
     # refused when sharding, before any forward: the router declares supports_expert_parallel = False
     with pytest.raises(ValueError, match="expert_parallel.*SoftRouter"):
-        shard_experts(layer)
+        shard_experts(layer, device_mesh("cpu"))
 
 
 def test_soft_routing_is_refused_under_expert_parallelism(outcomes):
@@ -218,10 +230,11 @@ CHECKS = {"equivalence": _equivalence_check, "state": _state_check, "soft": _sof
 def test_helpers_without_a_process_group():
     assert get_rank() == 0 and get_world_size() == 1
     layer = _layer("topk_dropless")
-    with pytest.raises(ValueError, match="torchrun"):
-        shard_experts(layer)
+    par = Parallel(layer, _loss, "fsdp", expert_parallel=True)  # one process: nothing to spread or wrap
+    assert par.mode is None and par.model is layer and layer.dispatcher.is_local
     assert full_state_dict(layer).keys() == layer.state_dict().keys()
-    all_reduce_gradients(layer.parameters())  # nothing to reduce: a no-op
+    with pytest.raises(ValueError, match="data_parallel='zero'.*ddp"):
+        Parallel(layer, _loss, "zero")
 
 
 def test_loader_slices_cover_every_global_batch_whatever_the_ranks():
