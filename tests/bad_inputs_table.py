@@ -68,6 +68,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("vision", ["trainer.betas=[a,b]"]),
     ("vision", ["trainer.betas=0.9"]),
     ("vision", ["trainer.grad_clip=inf"]),
+    ("nlp", ["trainer.data_parallel=zero"]),
     ("vision", ["trainer.skip_nonfinite=maybe"]),
     ("vision", ["trainer.max_skipped_fraction=2"]),
     ("vision", ["trainer.resume=/nonexistent/run"]),

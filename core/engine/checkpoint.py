@@ -194,7 +194,8 @@ def save_distributed_checkpoint(path: str | os.PathLike, tensors: dict, extra: d
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     try:
         dcp.save(tensors, checkpoint_id=str(tmp))
     except Exception as err:  # every rank learns below whether any rank failed
