@@ -164,6 +164,17 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 # ------------------------------------------------------------------------------------- the handle
 
 
+def _no_buffer_sync() -> dict:
+    """DDP's option for no buffer broadcast before each forward (its name changed in torch 2.14)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def _scalars_as_vectors(model: nn.Module) -> set[str]:
     """FSDP2 cannot shard 0-d parameters (open_clip's ``logit_scale``): make each a 1-element vector,
     which broadcasts wherever the scalar did. Returns their names (checkpoints keep them 0-d)."""
@@ -257,8 +268,10 @@ class Parallel:
             if ignored:
                 DDP._set_params_and_buffers_to_ignore_for_model(loss_module, ignored)
             ids = [device.index] if device.type == "cuda" else None
-            # buffers (routing statistics) are per rank and summed where needed, never overwritten by rank 0's
-            self.module = DDP(loss_module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+            # buffers (routing statistics) are per rank and summed where needed, never overwritten by
+            # rank 0's before a forward (they start equal: broadcast above); a router may leave some
+            # parameters without a gradient in a step (an expert no token chose, a gate a task skips)
+            self.module = DDP(loss_module, device_ids=ids, find_unused_parameters=True, **_no_buffer_sync())
         else:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
