@@ -51,10 +51,15 @@ class SentenceRouter(Router):
         self.switch_loss_weight = check_finite("switch_loss_weight", switch_loss_weight, ge=0)
         self.weight = init_router_weight(num_experts, dim)
 
+    def group_key(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None) -> torch.Tensor:
+        """The vector a group is routed by, G×D: the mean of its valid tokens (a subclass may route
+        by another key, e.g. a knowledge anchor for model editing)."""
+        return masked_group_mean(x_GSD.float(), mask_GS)
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape
         E = self.num_experts
-        logits_GE = self.linear_logits(masked_group_mean(x_GSD.float(), mask_GS), self.weight)
+        logits_GE = self.linear_logits(self.group_key(x_GSD, mask_GS), self.weight)
         probs_GE = torch.softmax(logits_GE, dim=-1)
         top_GK = probs_GE.topk(self.top_k, dim=-1)
         gates_GE = probs_GE
