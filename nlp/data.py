@@ -8,20 +8,33 @@ CLIP vocabulary of 49,408 tokens, shipped in the open_clip wheel) or with a Hugg
 own tokenizer read from a local directory (``nlp.hf.HFTokenizer``), split contiguously into train and
 validation parts and cut into fixed-length blocks of ``seq_len + 1`` tokens (inputs and shifted
 targets).
+
+A text file of any size streams: it is read in chunks of whole lines (``CHUNK_BYTES``), each chunk
+tokenised and appended to a token file in the cache (``$MOE_SUITE_CACHE``, default
+``~/.cache/moe-suite``; keyed by the file's path, size and modification time and the tokenizer),
+which is then memory-mapped. Neither the text nor its tokens are ever held whole in memory: a batch
+gathers its blocks from the map (``TokenBlocks.views``). Every tokenizer here treats lines
+independently or keeps bytes exactly, so the chunked tokens equal those of the whole text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import os
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
     "BPETokenizer", "ByteTokenizer", "TokenBlocks", "build_datasets", "build_tokenizer",
-    "load_text", "wordnet_glosses",
+    "load_text", "stream_tokens", "token_file", "wordnet_glosses",
 ]
+
+CHUNK_BYTES = 1 << 20  # text read and tokenised at a time (whole lines)
 
 
 class ByteTokenizer:
@@ -117,6 +130,13 @@ def wordnet_glosses(with_lemmas: bool = True) -> str:
     return "".join(f"{lemmas[k]}: {v}\n" if k in lemmas else f"{v}\n" for k, v in glosses.items())
 
 
+def _text_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise ValueError(f"data.path={str(path)!r} is not a readable file (looked at {p.resolve()}).")
+    return p
+
+
 def load_text(path: str | None = None, with_lemmas: bool = True) -> str:
     """The corpus: the WordNet glosses when ``path`` is None, else the UTF-8 file at ``path``."""
     if path is None:
@@ -135,9 +155,105 @@ def load_text(path: str | None = None, with_lemmas: bool = True) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------- streaming
+
+
+def _decode(raw: bytes, path: Path, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data.path={str(path)!r} is not UTF-8 text (byte {offset + err.start}: {err.reason}).") from None
+
+
+def stream_tokens(path: str | os.PathLike, tok, chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[int]]:
+    """The tokens of the UTF-8 file at ``path``, one chunk of whole lines (about ``chunk_bytes``) at a
+    time (a line longer than a chunk is read whole)."""
+    path = Path(path)
+    offset, rest = 0, b""
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # no line end yet: keep reading
+                rest = data
+                continue
+            piece, rest = data[:cut], data[cut:]
+            yield tok.encode_corpus(_decode(piece, path, offset))
+            offset += len(piece)
+    if rest:
+        yield tok.encode_corpus(_decode(rest, path, offset))
+
+
+def cache_dir() -> Path:
+    """Where tokenised files are kept: ``$MOE_SUITE_CACHE`` or ``~/.cache/moe-suite``."""
+    return Path(os.environ.get("MOE_SUITE_CACHE") or Path.home() / ".cache" / "moe-suite").expanduser()
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def token_file(path: str | os.PathLike, tok, chunk_bytes: int = CHUNK_BYTES) -> Path:
+    """The file of ``path``'s tokens (``stream_tokens``, written once into ``cache_dir()/tokens`` and
+    reused while the text file and the tokenizer are unchanged; written to a temporary name and
+    renamed, so an interrupted run never leaves a partial one)."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{getattr(tok, 'name', type(tok).__name__)}|{tok.vocab_size}"
+    dtype = _token_dtype(tok.vocab_size)
+    out = cache_dir() / "tokens" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.{dtype.name}"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for ids in stream_tokens(path, tok, chunk_bytes):
+                np.asarray(ids, dtype=dtype).tofile(f)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def load_tokens(path: str | os.PathLike, tok, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """``path``'s tokens as a 1-D tensor over a memory map of ``token_file`` (copy-on-write: pages
+    are read when a batch touches them)."""
+    file = token_file(path, tok, chunk_bytes)
+    if file.stat().st_size == 0:
+        return torch.zeros(0, dtype=torch.long)
+    dtype = np.dtype(file.suffix.lstrip("."))
+    return torch.from_numpy(np.memmap(file, dtype=dtype, mode="c"))
+
+
+# -------------------------------------------------------------------------------------- blocks
+
+
+class _BlockColumn:
+    """The inputs (``shift`` 0) or targets (``shift`` 1) of every block, gathered when indexed (the
+    ``shape[0]`` and ``[indices]`` that ``core.engine.TensorLoader`` uses), as int64."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, num_blocks: int, shift: int):
+        self.tokens, self.seq_len, self.shift = tokens, seq_len, shift
+        self.shape = (num_blocks, seq_len)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        n = self.shape[0]
+        rows = torch.arange(*idx.indices(n)) if isinstance(idx, slice) else torch.as_tensor(idx, dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
+            raise IndexError(f"block index out of range for {n} blocks")
+        rows = rows % max(n, 1)
+        starts = rows.reshape(-1, 1) * self.seq_len + self.shift + torch.arange(self.seq_len)
+        return self.tokens[starts].long().reshape(*rows.shape, self.seq_len)
+
+
 class TokenBlocks(Dataset):
     """Consecutive non-overlapping blocks of ``seq_len + 1`` tokens; item i is
-    ``(input_ids[seq_len], targets[seq_len])`` (targets shifted by one)."""
+    ``(input_ids[seq_len], targets[seq_len])`` (targets shifted by one), int64 whatever the dtype
+    ``tokens`` is stored in (a memory-mapped file's uint16)."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None):
         self.tokens, self.seq_len = tokens, seq_len
@@ -150,15 +266,21 @@ class TokenBlocks(Dataset):
     def __getitem__(self, i: int):
         if not 0 <= i < self.num_blocks:
             raise IndexError(i)
-        block = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+        block = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1].long()
         return block[:-1], block[1:]
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All blocks stacked: ``(inputs, targets)``, each (num_blocks, seq_len)."""
+    def views(self) -> tuple[_BlockColumn, _BlockColumn]:
+        """``(inputs, targets)`` that gather their blocks when a batch indexes them, for
+        ``TensorLoader``: nothing is copied up front, whatever the corpus's size."""
         n, S = self.num_blocks, self.seq_len
-        starts = torch.arange(n)[:, None] * S + torch.arange(S + 1)[None, :]
-        blocks = self.tokens[starts] if n else self.tokens.new_zeros(0, S + 1)
-        return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+        return _BlockColumn(self.tokens, S, n, 0), _BlockColumn(self.tokens, S, n, 1)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All blocks stacked in memory: ``(inputs, targets)``, each (num_blocks, seq_len)."""
+        if not self.num_blocks:
+            empty = torch.zeros(0, self.seq_len, dtype=torch.long)
+            return empty, empty.clone()
+        return tuple(v[:] for v in self.views())
 
 
 def build_datasets(path: str | None = None, tokenizer: str = "byte", seq_len: int = 128, val_fraction: float = 0.1,
@@ -170,7 +292,12 @@ def build_datasets(path: str | None = None, tokenizer: str = "byte", seq_len: in
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len={seq_len!r} is not allowed: it must be an integer >= 1.")
     tok = build_tokenizer(tokenizer)
-    ids = torch.tensor(tok.encode_corpus(load_text(path, with_lemmas)), dtype=torch.long)
+    if path is None:  # the WordNet glosses: 1.7 MB, in memory
+        ids = torch.tensor(tok.encode_corpus(load_text(None, with_lemmas)), dtype=torch.long)
+    else:
+        ids = load_tokens(_text_file(path), tok)
+        if ids.numel() == 0:
+            raise ValueError(f"data.path={str(path)!r} is empty.")
     n_val = int(round(ids.numel() * val_fraction))
     train_ids, val_ids = ids[: ids.numel() - n_val], ids[ids.numel() - n_val:]
     train, val = TokenBlocks(train_ids, seq_len, limit_train), TokenBlocks(val_ids, seq_len, limit_eval)

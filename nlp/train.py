@@ -52,9 +52,9 @@ class LanguageModelTask(Task):
     def build(self, cfg: DictConfig, data) -> TaskRun:
         tokenizer, train_set, val_set = data
         d = cfg.data
-        train_loader = TensorLoader(train_set.tensors(), d.batch_size, shuffle=True,
+        train_loader = TensorLoader(train_set.views(), d.batch_size, shuffle=True,
                                     drop_last=len(train_set) >= d.batch_size)
-        val_loader = TensorLoader(val_set.tensors(), d.eval_batch_size or d.batch_size)
+        val_loader = TensorLoader(val_set.views(), d.eval_batch_size or d.batch_size)
         model = build_model(cfg, tokenizer.vocab_size)
         info = {"causal": model.is_causal, "model": cfg.get("model_name") or hydra_choice("model") or "custom",
                 "moe_layers": model.moe_layers, "num_experts": cfg.model.num_experts if model.moe_layers else 0,

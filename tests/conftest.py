@@ -10,6 +10,7 @@ the MoE layer calls.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import hydra
@@ -91,3 +92,16 @@ def kill_at_first_checkpoint(cmd: list[str], run_dir: Path, env: dict, timeout_s
     assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run_dir / "metrics.json").exists()
     return ckpt
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Tokenised text files go to a temporary cache, not the user's ``~/.cache/moe-suite`` (runs
+    started by tests inherit it)."""
+    old = os.environ.get("MOE_SUITE_CACHE")
+    os.environ["MOE_SUITE_CACHE"] = str(tmp_path_factory.mktemp("moe_suite_cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOE_SUITE_CACHE", None)
+    else:
+        os.environ["MOE_SUITE_CACHE"] = old

@@ -41,7 +41,7 @@ def test_text_file_split_is_contiguous_and_blocks_are_shifted(tmp_path):
     tok, train, val = build_datasets(str(path), seq_len=16, val_fraction=0.25)
     all_ids = torch.tensor(tok.encode(path.read_text()))
     n_val = round(all_ids.numel() * 0.25)
-    assert torch.equal(train.tokens, all_ids[:-n_val]) and torch.equal(val.tokens, all_ids[-n_val:])
+    assert torch.equal(train.tokens.long(), all_ids[:-n_val]) and torch.equal(val.tokens.long(), all_ids[-n_val:])
     x, y = train[3]
     assert x.shape == (16,) and torch.equal(x[1:], y[:-1])
     assert torch.equal(torch.cat([x, y[-1:]]), all_ids[48:65])
@@ -74,3 +74,48 @@ def test_bad_files_give_clear_errors(tmp_path):
         build_datasets(str(short), seq_len=64)
     with pytest.raises(ValueError, match="val_fraction"):
         build_datasets(str(short), seq_len=2, val_fraction=1.0)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_text_file_streams_in_chunks_to_the_tokens_of_the_whole_text(tmp_path, monkeypatch, tokenizer):
+    """Chunks of whole lines (here ~40 bytes, lines of every length, a line longer than a chunk,
+    multi-byte characters across chunk boundaries, no final newline) give exactly the whole text's
+    tokens; the token file is memory-mapped and reused."""
+    from nlp.data import load_tokens, stream_tokens, token_file
+
+    monkeypatch.setenv("MOE_SUITE_CACHE", str(tmp_path / "cache"))
+    text = "".join(f"ligne {i} — naïve café {'x' * (i % 7)}\n" for i in range(60)) + "é" * 120 + "\nend"
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    tok = build_tokenizer(tokenizer)
+    whole = tok.encode_corpus(text)
+    chunks = list(stream_tokens(path, tok, chunk_bytes=40))
+    assert len(chunks) > 10 and [t for c in chunks for t in c] == whole
+    ids = load_tokens(path, tok, chunk_bytes=40)
+    file = token_file(path, tok)
+    assert ids.tolist() == whole and ids.untyped_storage().nbytes() == file.stat().st_size  # a view of the file
+    assert file.parent == tmp_path / "cache" / "tokens" and file.stat().st_size == len(whole) * ids.element_size()
+    mtime = file.stat().st_mtime_ns
+    assert token_file(path, tok) == file and file.stat().st_mtime_ns == mtime  # reused, not rewritten
+    path.write_text(text + "\nmore\n", encoding="utf-8")  # the text changed: a new token file
+    assert token_file(path, tok) != file
+
+
+def test_training_batches_gather_blocks_from_the_token_map(tmp_path, monkeypatch):
+    """The loader's columns index the memory-mapped tokens per batch; they equal the stacked blocks."""
+    from core.engine import TensorLoader
+
+    monkeypatch.setenv("MOE_SUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i} of the book\n" for i in range(300)), encoding="utf-8")
+    _, train, _ = build_datasets(str(path), seq_len=16)
+    assert train.tokens.dtype == torch.uint16  # stored compactly, read as int64
+    xs, ys = train.tensors()
+    vx, vy = train.views()
+    assert vx.shape == xs.shape and torch.equal(vx[torch.tensor([5, 0, 7])], xs[[5, 0, 7]])
+    assert torch.equal(vy[2:4], ys[2:4]) and vx[3].shape == (16,) and vx[3].dtype == torch.long
+    with pytest.raises(IndexError):
+        vx[torch.tensor([len(train)])]
+    batches = list(TensorLoader(train.views(), 8, shuffle=True).batches(epoch=1, seed=2))
+    same = list(TensorLoader((xs, ys), 8, shuffle=True).batches(epoch=1, seed=2))
+    assert all(torch.equal(a, b) for ba, bb in zip(batches, same) for a, b in zip(ba, bb))
