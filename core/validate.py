@@ -83,7 +83,8 @@ def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "rou
     ``group_size`` tokens (named ``group_key``), a group size of its own inside sequences of
     ``seq_len`` tokens, expert parallelism. Raises ``NotApplicableError`` naming ``<key>.<name>``
     when the router's own rules refuse the config (``top_k`` > E, ``capacity_factor`` <= 0, ...) or
-    it cannot serve here. Returns the last router built (None for None)."""
+    it cannot serve here, or when an option is set where it could not act (``Router.check_options``:
+    ``capacity_multiple_of`` without a capacity, ...). Returns the last router built (None for None)."""
     from core.routers.base import Router, check_applicable
 
     if node is None:
@@ -122,13 +123,16 @@ def check_router(node: Any, num_experts: int | Sequence[int], *, key: str = "rou
 
 
 def _build_router(node: Any, cls: type, key: str, num_experts: int):
-    """``node``'s router for ``num_experts`` experts; its constructor's errors as ``ConfigError``s."""
+    """``node``'s router for ``num_experts`` experts; its constructor's errors, and its options that
+    could not act (``Router.check_options``), as ``ConfigError``s."""
     import hydra
 
     name = cls.__name__
     try:
         factory = hydra.utils.instantiate(node, _partial_=True)
-        return factory(dim=8, num_experts=num_experts)  # the width does not enter any router's rules
+        router = factory(dim=8, num_experts=num_experts)  # the width does not enter any router's rules
+        router.check_options()  # an option that cannot act with the others is refused, not ignored
+        return router
     except TypeError as err:  # an unknown or missing keyword
         import inspect
 

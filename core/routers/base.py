@@ -100,6 +100,13 @@ class TokenChoiceCapacity:
         return compute_capacity(group_size * self.experts_per_token, self.capacity_experts, self.capacity_factor,
                                 self.capacity_multiple_of)
 
+    def check_options(self) -> None:
+        if self.capacity_factor is None and self.capacity_multiple_of != 1:
+            raise ValueError(f"capacity_multiple_of={self.capacity_multiple_of} is not allowed: {type(self).__name__} "
+                             "with capacity_factor=None is dropless and has no capacity to round; set capacity_factor "
+                             "(e.g. 1.0) or capacity_multiple_of=1.")
+        super().check_options()
+
 
 class Router(nn.Module):
     """Base class of every router: ``forward(x_GSD, mask_GS=None) -> Routing``.
@@ -167,6 +174,13 @@ class Router(nn.Module):
     def routing_group_size(self, seq_len: int) -> int | None:
         """The routing group size this router needs in sequences of ``seq_len`` tokens (None: any)."""
         return None
+
+    def check_options(self) -> None:
+        """Raise ``ValueError`` (``name=value is not allowed: ...``) for an option whose value cannot act
+        with the router's other options, so that no option is silently ignored (e.g.
+        ``capacity_multiple_of`` without a capacity). ``core.validate.check_router`` calls it on every
+        router config; the constructor does not, because code that builds a router directly leaves
+        such defaults in place (``TopKRouter(noise_std=0.0)`` keeps an unused ``load_loss_weight``)."""
 
     def __call__(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         mask_GS = self.check_input(x_GSD, mask_GS, kwargs.get("token_ids_GS"))

@@ -69,6 +69,10 @@ class DeepSeekRouter(TokenChoiceCapacity, Router):
         if num_experts % n_group:
             raise ValueError(f"n_group={n_group} is not allowed: it must divide num_experts={num_experts}.")
         check_positive_int("topk_group", topk_group)
+        if topk_group > n_group and n_group == 1:
+            raise ValueError(f"topk_group={topk_group} is not allowed: {type(self).__name__} with n_group=1 has no "
+                             "group-limited routing, so topk_group would change nothing; set n_group > 1 (a divisor "
+                             "of num_experts) or topk_group=1.")
         if topk_group > n_group:
             raise ValueError(f"topk_group={topk_group} is not allowed: it must be <= n_group={n_group}.")
         if n_group > 1 and top_k > topk_group * (num_experts // n_group):

@@ -28,6 +28,8 @@ from torch import nn
 from core.routers.base import Router, check_finite, check_positive_int, select_token_choice
 from core.routing import Routing
 
+_INVALID_CODE_WEIGHT = 1e-2  # the default; a power-of-2 E leaves it unused, and only other values are refused
+
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """The cubic smooth step of DSelect-k: 0 below −γ/2, 1 above γ/2, C¹ in between."""
@@ -50,7 +52,7 @@ class DSelectKRouter(Router):
     family = "token choice"
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, gamma: float = 1.0,
-                 entropy_weight: float = 0.0, invalid_code_weight: float = 1e-2):
+                 entropy_weight: float = 0.0, invalid_code_weight: float = _INVALID_CODE_WEIGHT):
         super().__init__(dim, num_experts)
         check_positive_int("num_experts", num_experts, minimum=2)
         self.top_k = check_positive_int("top_k", top_k)
@@ -69,6 +71,15 @@ class DSelectKRouter(Router):
         self.selector_bias = nn.Parameter(torch.zeros(K))
         bits_EM = (torch.arange(num_experts)[:, None] >> torch.arange(M)[None, :]) & 1
         self.register_buffer("bits_EM", bits_EM.to(torch.float32), persistent=False)
+
+    def check_options(self) -> None:
+        default = _INVALID_CODE_WEIGHT
+        if self.num_experts == 2**self.num_bits and self.invalid_code_weight not in (0, default):
+            raise ValueError(f"invalid_code_weight={self.invalid_code_weight} is not allowed: {type(self).__name__} "
+                             f"with num_experts={self.num_experts} (a power of 2) has no code without an expert, so "
+                             f"the penalty never acts; leave it at {default} (or 0) or use a num_experts that is not "
+                             "a power of 2.")
+        super().check_options()
 
     def selector_outputs(self, x_GSD: torch.Tensor) -> torch.Tensor:
         """``r^{(i)}_e`` for every token: G×S×k×E."""

@@ -41,6 +41,7 @@ Legend: G groups, S tokens per group, D width, E experts, K experts per token, R
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from scipy.special import betainc
@@ -49,6 +50,8 @@ from torch import nn
 from core.routers.base import check_finite, check_positive_int, select_token_choice
 from core.routers.topk import TopKRouter
 from core.routing import Routing
+
+_NUM_RANKS = 2  # the default; a distributed launch takes its ranks from the processes, and other values are refused
 
 
 def spherical_cap_fraction(dim: int, angle: float) -> float:
@@ -100,7 +103,7 @@ class LocMoERouter(TopKRouter):
     routes_by_position = True  # one process: the home rank is the position's (a KV cache cannot follow it)
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
-                 num_ranks: int = 2, local_bias: float = 0.1, locality_loss_weight: float = 0.01,
+                 num_ranks: int = _NUM_RANKS, local_bias: float = 0.1, locality_loss_weight: float = 0.01,
                  noise_std: float = 0.0, importance_loss_weight: float = 0.0, load_loss_weight: float = 0.0,
                  switch_loss_weight: float = 0.01, z_loss_weight: float = 0.0, capacity_multiple_of: int = 1,
                  batch_priority: bool = False, renormalize: bool = False):
@@ -115,6 +118,18 @@ class LocMoERouter(TopKRouter):
         self.local_bias, self.locality_loss_weight = float(local_bias), float(locality_loss_weight)
         with torch.no_grad():  # orthogonal gate vectors (rows when E <= D), of unit norm like LeCun's rows
             nn.init.orthogonal_(self.weight)
+
+    def check_options(self) -> None:
+        world = os.environ.get("WORLD_SIZE", "1")
+        name = type(self).__name__
+        if world in ("", "1") and self.num_ranks == 1 and self.local_bias:
+            raise ValueError(f"local_bias={self.local_bias} is not allowed: {name} with num_ranks=1 in one process "
+                             "has every expert local, so the bias moves no choice; set num_ranks > 1 or local_bias=0.")
+        if world not in ("", "1") and self.num_ranks != _NUM_RANKS:
+            raise ValueError(f"num_ranks={self.num_ranks} is not allowed: {name} in a launch of WORLD_SIZE={world} "
+                             "processes takes its ranks from the processes and never reads num_ranks (which "
+                             f"simulates ranks in one process); leave it at {_NUM_RANKS}.")
+        super().check_options()
 
     def local_experts(self, group_size: int, device) -> torch.Tensor:
         """S×E bool: the experts hosted on the rank of the token at each position (contiguous

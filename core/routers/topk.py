@@ -75,6 +75,14 @@ class TopKRouter(TokenChoiceCapacity, Router):
         )
         self.weight = init_router_weight(num_experts, dim)
 
+    def check_options(self) -> None:
+        if self.loss_weights["load"] and not self.noise_std:
+            raise ValueError(f"load_loss_weight={self.loss_weights['load']} is not allowed: {type(self).__name__}'s "
+                             "load loss is the probability of a choice under the training noise, and noise_std=0 adds "
+                             "none, so the loss is never computed; set noise_std > 0 (V-MoE: 1.0) or "
+                             "load_loss_weight=0.")
+        super().check_options()
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         logits_GSE = self.linear_logits(x_GSD, self.weight)
         noisy_GSE = self.add_noise(logits_GSE, self.noise_std)
