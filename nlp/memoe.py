@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -66,8 +65,9 @@ from nlp.facts import FactPrompt, FactSet, build_fact_set, edit_split, fact_toke
 from nlp.hf import HFCausalLM, HFTokenizer, load_hf_lm, save_mixtral
 from nlp.models import MoETransformerLM
 
-__all__ = ["KnowledgeAnchorRouter", "MEMoEAdapter", "MEMoEModel", "PromptBatch", "attach_memoe", "edit",
-           "encode_prompts", "evaluate", "ffn_module", "finetune_ffn", "main", "pretrain_fact_lm", "run_comparison"]
+__all__ = ["METHODS", "ROUTINGS", "KnowledgeAnchorRouter", "MEMoEAdapter", "MEMoEModel", "PromptBatch",
+           "attach_memoe", "base_checkpoint", "edit", "encode_prompts", "evaluate", "ffn_module", "finetune_ffn",
+           "input_embedding", "main", "markdown_table", "pretrain_fact_lm", "run_comparison"]
 
 log = logging.getLogger(__name__)
 
