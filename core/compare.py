@@ -65,7 +65,8 @@ NA = "n/a"
 IGNORED = (
     "seed", "output_dir", "router_name", "model_name", "task", "threads", "sharding", "hydra",
     "trainer.device", "trainer.resume", "trainer.progress", "trainer.log_every_steps", "trainer.checkpoint",
-    "trainer.checkpoint_every_steps", "trainer.save_model", "trainer.expert_parallel", "trainer.data_parallel",
+    "trainer.checkpoint_every_steps", "trainer.save_model", "trainer.expert_parallel", "trainer.expert_parallel_size",
+    "trainer.data_parallel",
     "trainer.eval_every_epochs",
     "data.root", "data.system_dir", "data.download",
 )

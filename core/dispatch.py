@@ -44,7 +44,7 @@ from torch import nn
 
 from core.experts import dispatch_combine
 
-__all__ = ["AllToAllDispatcher", "LocalDispatcher", "all_to_all", "local_weights"]
+__all__ = ["AllToAllDispatcher", "LocalDispatcher", "all_to_all", "local_weights", "run_local_experts"]
 
 
 def _run_experts(experts: nn.Module, x_TD, token_idx_N, expert_idx_N, weight_N) -> torch.Tensor:
@@ -95,12 +95,25 @@ def local_weights(module: nn.Module, names):
     DTensor parameter in ``names``, so the module's own code runs unchanged on its shard; the
     DTensor parameters are back in place afterwards."""
     saved = {n: module._parameters[n] for n in names}
+    mine = {n: p.to_local() for n, p in saved.items()}
     try:
-        for n, p in saved.items():
-            module._parameters[n] = p.to_local()
+        module._parameters.update(mine)
         yield
-    finally:
-        module._parameters.update(saved)
+    finally:  # unless something re-registered a parameter meanwhile (FSDP's hooks do): then keep that
+        for n, p in saved.items():
+            if module._parameters.get(n) is mine[n]:
+                module._parameters[n] = p
+
+
+def run_local_experts(experts: nn.Module, names, x_MD: torch.Tensor, local_M: torch.Tensor) -> torch.Tensor:
+    """Received rows ``x_MD`` through this rank's experts ``local_M`` (gate 1: the source rank
+    applies the gates), on the local slices of their DTensor weights ``names``. An experts module
+    that FSDP also shards (a 2-D mesh) carries this as its ``run_local`` method, registered with
+    FSDP, so that its weights are gathered over the groups first."""
+    M = x_MD.shape[0]
+    rows_M = torch.arange(M, device=x_MD.device)
+    with local_weights(experts, names):
+        return _run_experts(experts, x_MD, rows_M, local_M, x_MD.new_ones(M))
 
 
 class AllToAllDispatcher:
@@ -136,11 +149,12 @@ class AllToAllDispatcher:
         send_splits = counts_E.view(W, L).sum(1).tolist()  # one host sync, as MegaBlocks
         recv_splits = recv_WL.sum(1).tolist()
         x_recv_MD = all_to_all(x_TD.index_select(0, token_N), send_splits, recv_splits, group)
-        M = x_recv_MD.shape[0]
         local_M = torch.repeat_interleave(torch.arange(L, device=x_TD.device).repeat(W), recv_WL.reshape(-1))
-        rows_M = torch.arange(M, device=x_TD.device)
-        with local_weights(experts, self.names):  # gate 1 here: the source rank applies the gates
-            y_recv_MO = _run_experts(experts, x_recv_MD, rows_M, local_M, x_recv_MD.new_ones(M))
+        run_local = getattr(experts, "run_local", None)
+        if run_local is not None:
+            y_recv_MO = run_local(x_recv_MD, local_M)
+        else:
+            y_recv_MO = run_local_experts(experts, self.names, x_recv_MD, local_M)
         y_NO = all_to_all(y_recv_MO, recv_splits, send_splits, group)
         y_NO = y_NO * weight_sorted_N.to(y_NO.dtype)[:, None]
         return y_NO.new_zeros(x_TD.shape[0], y_NO.shape[1]).index_add_(0, token_N, y_NO)

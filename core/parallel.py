@@ -21,8 +21,11 @@ Under ``torchrun`` the engine (``core.engine.Trainer``) trains through a ``Paral
   over a 1-D device mesh of all ranks (``init_device_mesh``): their per-expert weights become
   DTensors sharded on the expert dimension, and the layer's dispatcher becomes the all-to-all
   exchange (``core.dispatch.AllToAllDispatcher``). DDP and FSDP leave those weights alone (each
-  expert lives on one rank: its gradient needs no reduction); everything else composes as torchtitan
-  does with an expert dimension equal to the data dimension.
+  expert lives on one rank: its gradient needs no reduction). With ``trainer.expert_parallel_size``
+  smaller than W the mesh is 2-D, ``dp_rep`` × ``ep`` (torchtitan's layout): each row of ``ep``
+  ranks holds every expert once, and FSDP shards each expert's weights over ``dp_rep`` (2-D
+  DTensors, gathered over ``dp_rep`` when the experts run: ``run_local`` is registered with FSDP as a
+  forward method) and reduces their gradients over the rows.
 
 What stays exact: each rank's loss is weighted by its share of the global batch and the reduced
 gradients are sums (DDP and FSDP average, so ``after_backward`` multiplies by W, exact for powers of
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from typing import Callable
 
@@ -48,7 +52,7 @@ from torch import nn
 
 from core import distributed as dist_utils
 from core import stats
-from core.dispatch import AllToAllDispatcher, LocalDispatcher
+from core.dispatch import AllToAllDispatcher, LocalDispatcher, run_local_experts
 from core.moe import MoE
 
 log = logging.getLogger(__name__)
@@ -226,12 +230,16 @@ class Parallel:
         loss_fn: ``(model, batch) -> (task loss, logs)``.
         data_parallel: ``ddp`` | ``fsdp`` (used when more than one rank takes part).
         expert_parallel: spread the MoE layers' experts over the ranks.
+        expert_parallel_size: the ranks one set of experts spans (None: all). Fewer builds a 2-D
+            mesh (``dp_rep`` × ``ep``): the experts are spread over each ``ep`` row and FSDP shards
+            them over ``dp_rep``, as torchtitan's MoE does; FSDP only.
         device: the rank's device.
         bf16: FSDP's blocks compute in bf16 (CUDA), gradients reduced in fp32.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data_parallel: str = "ddp",
-                 expert_parallel: bool = False, device: torch.device | None = None, bf16: bool = False):
+                 expert_parallel: bool = False, device: torch.device | None = None, bf16: bool = False,
+                 expert_parallel_size: int | None = None):
         if data_parallel not in MODES:
             raise ValueError(f"trainer.data_parallel={data_parallel!r} is not allowed: use one of {list(MODES)}.")
         self.owner = model
@@ -240,12 +248,18 @@ class Parallel:
         self.mesh = None
         self.model = model
         self.scalars: set[str] = set()  # 0-d parameters FSDP trains as 1-element vectors (saved 0-d)
+        self.rep_mesh = None  # the 2-D expert mesh's group dimension (expert_parallel_size < W)
+        self.reduced: list[torch.Tensor] = []
+        self.reduced_over_groups: list[torch.Tensor] = []
         if self.world <= 1:
             self.module = LossModule(model, loss_fn)
             return
         device = device or next(model.parameters()).device
         dist_utils.broadcast_parameters(model)  # rank 0's starting weights everywhere
         self.mesh = device_mesh(device.type)
+        ep_mesh = self.mesh
+        if expert_parallel and expert_parallel_size not in (None, self.world):
+            ep_mesh, self.rep_mesh = self._expert_mesh(device.type, expert_parallel_size)
         if self.mode == "fsdp":
             if any(dist_utils.is_sharded(p) for p in model.parameters()):
                 raise ValueError("trainer.data_parallel=fsdp is not allowed with tables sharded by torchrec "
@@ -253,7 +267,7 @@ class Parallel:
             self.model = copy.deepcopy(model)
             release(model)
         if expert_parallel:
-            n = shard_experts(self.model, self.mesh)
+            n = shard_experts(self.model, ep_mesh)
             if n:
                 log.info("expert parallelism: %d MoE layers spread over %d ranks", n, self.world)
             else:
@@ -273,11 +287,18 @@ class Parallel:
             # parameters without a gradient in a step (an expert no token chose, a gate a task skips)
             self.module = DDP(loss_module, device_ids=ids, find_unused_parameters=True, **_no_buffer_sync())
         else:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
             mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
             ignored = set(ep.values()) or None
+            if self.rep_mesh is not None:  # each expert's shard is FSDP-sharded over the groups
+                for layer in expert_parallel_layers(self.model).values():
+                    experts = layer.experts
+                    fully_shard(experts, mesh=self.rep_mesh, mp_policy=mp)
+                    experts.run_local = functools.partial(run_local_experts, experts, layer.dispatcher.names)
+                    register_fsdp_forward_method(experts, "run_local")
+                ignored = None
             self.scalars = _scalars_as_vectors(self.model)
             for unit in fsdp_units(self.model):
                 fully_shard(unit, mesh=self.mesh, mp_policy=mp, ignored_params=ignored)
@@ -288,6 +309,30 @@ class Parallel:
             self.module = loss_module
         self.reduced = [p for n, p in self.model.named_parameters()
                         if p.requires_grad and n not in ep and not dist_utils.is_sharded(p)]
+        # a 2-D mesh: the experts' gradients are averaged over the W/size groups only
+        self.reduced_over_groups = ([p for n, p in self.model.named_parameters() if n in ep]
+                                    if self.rep_mesh is not None else [])
+
+    def _expert_mesh(self, device_type: str, size: int):
+        """``(ep row, dp_rep column)`` of a 2-D mesh of W/size groups of ``size`` ranks; the 1-D
+        mesh of every rank becomes its flattening, so that every DTensor shares one root mesh."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.mode != "fsdp":
+            raise ValueError(f"trainer.expert_parallel_size={size} is not allowed with trainer.data_parallel="
+                             f"{self.mode}: DDP cannot reduce the experts' gradients over the groups; use fsdp.")
+        if size < 1 or self.world % size:
+            raise ValueError(f"trainer.expert_parallel_size={size} is not allowed: it must divide the {self.world} ranks.")
+        mesh2 = init_device_mesh(device_type, (self.world // size, size), mesh_dim_names=("dp_rep", "ep"))
+        self.mesh = mesh2._flatten("dp")
+        return mesh2["ep"], mesh2["dp_rep"]
+
+    def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Parameters on two meshes (a 2-D expert mesh beside the dense one) cannot share one
+        ``foreach`` kernel: step them one by one."""
+        if self.rep_mesh is not None:
+            for group in optimizer.param_groups:
+                group["foreach"] = False
 
     # -- around the steps --------------------------------------------------------------------------
 
@@ -299,6 +344,9 @@ class Parallel:
         for p in self.reduced:
             if p.grad is not None:
                 p.grad.mul_(self.world)
+        for p in self.reduced_over_groups:
+            if p.grad is not None:
+                p.grad.mul_(self.rep_mesh.size())
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> float:
         """Clip to one gradient norm over every rank: replicated gradients (DDP's, identical on

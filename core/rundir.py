@@ -34,7 +34,8 @@ __all__ = ["RunLock", "SAFE_TO_CHANGE", "changed_keys", "check_fresh_directory",
 SAFE_TO_CHANGE = (
     "trainer.max_steps", "trainer.max_epochs", "trainer.resume", "trainer.eval_every_epochs",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.checkpoint_every_steps", "trainer.progress",
-    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "trainer.data_parallel", "sharding", "threads", "output_dir",
+    "trainer.save_model", "trainer.device", "trainer.expert_parallel", "trainer.expert_parallel_size", "trainer.data_parallel",
+    "sharding", "threads", "output_dir",
     "data.eval_batch_size", "logger", "plots",
 )
 # what a run leaves in its directory (Hydra's own .hydra/ and the log are not a run's work)

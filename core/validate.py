@@ -53,17 +53,32 @@ def check_trainer(trainer: Mapping | DictConfig, num_experts: int | None = None)
 
 def check_expert_parallel(trainer: Mapping, num_experts: int | None) -> None:
     """``trainer.expert_parallel=true`` spreads every MoE layer's experts over the ``WORLD_SIZE``
-    processes of a torchrun launch, so the world size must divide E (other values are left to
-    ``TrainerConfig``)."""
+    processes of a torchrun launch (or over groups of ``trainer.expert_parallel_size``), so that
+    number must divide E, a group size must divide the world size, and groups smaller than the world
+    need FSDP (other values are left to ``TrainerConfig``)."""
     if trainer.get("expert_parallel") is not True or num_experts is None:
         return
     world = os.environ.get("WORLD_SIZE", "1")
-    size = int(world) if world.isdigit() else 1
-    if size > 1 and num_experts % size:
+    world_size = int(world) if world.isdigit() else 1
+    if world_size <= 1:
+        return
+    group = trainer.get("expert_parallel_size")
+    size = group if isinstance(group, int) and not isinstance(group, bool) and group >= 1 else world_size
+    if world_size % size:
+        raise ConfigError("trainer.expert_parallel_size", group,
+                          f"it must divide the WORLD_SIZE={world} processes; use a divisor of {world_size} or null")
+    if size < world_size and trainer.get("data_parallel") != "fsdp":
+        raise ConfigError("trainer.expert_parallel_size", group,
+                          f"groups of {size} of the {world_size} ranks hold every expert once each, and DDP cannot "
+                          "reduce the experts' gradients over the groups; use trainer.data_parallel=fsdp, or "
+                          "expert_parallel_size=null")
+    if num_experts % size:
+        who = (f"the WORLD_SIZE={world} processes" if size == world_size
+               else f"groups of trainer.expert_parallel_size={size} ranks")
         raise ConfigError("trainer.expert_parallel", True,
-                          f"the WORLD_SIZE={world} processes cannot share num_experts={num_experts} experts evenly: "
-                          f"launch a number of processes that divides {num_experts}, or set num_experts to a "
-                          f"multiple of {size}")
+                          f"{who} cannot share num_experts={num_experts} experts evenly: launch a number of "
+                          f"processes (or set trainer.expert_parallel_size to one) that divides {num_experts}, or "
+                          f"set num_experts to a multiple of {size}")
 
 
 # ------------------------------------------------------------------------------------------- router

@@ -129,6 +129,22 @@ def test_expert_parallel_world_size_must_divide_the_experts(monkeypatch, capsys,
     check_expert_parallel({"expert_parallel": True}, 4)
 
 
+def test_expert_groups_smaller_than_the_world_need_fsdp_and_a_divisor(monkeypatch):
+    """``trainer.expert_parallel_size``: a divisor of WORLD_SIZE that divides E, with FSDP (DDP
+    cannot reduce the experts' gradients over the groups)."""
+    from core.validate import check_expert_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ok = {"expert_parallel": True, "data_parallel": "fsdp", "expert_parallel_size": 2}
+    check_expert_parallel(ok, 4)
+    with pytest.raises(ConfigError, match="expert_parallel_size=2 is not allowed.*DDP cannot reduce.*fsdp"):
+        check_expert_parallel({**ok, "data_parallel": "ddp"}, 4)
+    with pytest.raises(ConfigError, match="expert_parallel_size=3 is not allowed: it must divide the WORLD_SIZE=4"):
+        check_expert_parallel({**ok, "expert_parallel_size": 3}, 6)
+    with pytest.raises(ConfigError, match="groups of trainer.expert_parallel_size=2 ranks cannot share num_experts=3"):
+        check_expert_parallel(ok, 3)
+
+
 def test_unknown_router_choice_names_the_option_and_lists_the_routers():
     """``+router=nope`` is refused by Hydra while composing, with the list of router configs."""
     with pytest.raises(MissingConfigException) as exc:

@@ -53,6 +53,10 @@ class TrainerConfig:
         expert_parallel: under torchrun, spread every MoE layer's routed experts over the ranks
             (DTensor shards on a device mesh, all-to-all dispatch: ``core.parallel.shard_experts``);
             False: every rank holds every expert. No effect in one process.
+        expert_parallel_size: the ranks one set of experts is spread over (None: all of them).
+            Fewer (it must divide the ranks and E) makes W/size groups, each holding every expert
+            once; FSDP then shards each expert's weights over the groups (a 2-D device mesh, as
+            torchtitan's MoE), so it needs ``data_parallel=fsdp``.
         optimizer: ``adamw`` (the suite's AdamW: no decay on biases, norms and scalars) or any name of
             timm's ``create_optimizer_v2`` (``timm.optim.list_optimizers()``: sgd, lamb, lion, ...), built
             with ``lr``, ``weight_decay`` and, where the optimizer takes them, ``betas`` and ``eps``.
@@ -86,6 +90,7 @@ class TrainerConfig:
     save_model: bool = True
     data_parallel: str = "ddp"
     expert_parallel: bool = False
+    expert_parallel_size: int | None = None
     compile: bool = False
     optimizer: str = "adamw"
     scheduler: str = "warmup_cosine"
@@ -126,6 +131,10 @@ class TrainerConfig:
                              "directory or checkpoint file.")
         if self.data_parallel not in ("ddp", "fsdp"):
             raise ValueError(f"trainer.data_parallel={self.data_parallel!r} is not allowed: use ddp or fsdp.")
+        if self.expert_parallel_size is not None and (isinstance(self.expert_parallel_size, bool) or not isinstance(
+                self.expert_parallel_size, int) or self.expert_parallel_size < 1):
+            raise ValueError(f"trainer.expert_parallel_size={self.expert_parallel_size!r} is not allowed: use null "
+                             "(every rank) or a positive integer that divides the number of ranks.")
         for key in ("skip_nonfinite", "checkpoint", "save_model", "expert_parallel", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"trainer.{key}={getattr(self, key)!r} is not allowed: use true or false.")

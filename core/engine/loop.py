@@ -167,7 +167,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
         # under torchrun: rank 0's weights everywhere, the experts over the ranks, DDP or FSDP around the loss
-        parallel = Parallel(model, loss_fn, cfg.data_parallel, cfg.expert_parallel, self.device, self.bf16)
+        parallel = Parallel(model, loss_fn, cfg.data_parallel, cfg.expert_parallel, self.device, self.bf16,
+                            cfg.expert_parallel_size)
         model = parallel.model  # under FSDP a copy that trains sharded; the caller's is refilled at the end
         if self.world_size > 1:  # a random stream per rank (router noise, dropout) derived from the seed
             torch.manual_seed(derive_seed(self.seed, self.rank, self.world_size))
@@ -181,6 +182,7 @@ class Trainer:
             total_steps = min(total_steps, cfg.max_steps)
         self._check_warmup(total_steps, steps_per_epoch)
         optimizer = build_optimizer(model, cfg)
+        parallel.adapt_optimizer(optimizer)
         return _Run(
             model=model, train_loader=train_loader, loss_fn=loss_fn, evaluate=evaluate, eval_loaders=eval_loaders,
             count_examples=count_examples, callbacks=callbacks, optimizer=optimizer,
