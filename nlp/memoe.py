@@ -27,14 +27,14 @@ prompt). An input without an anchor is routed by the mean embedding of all its t
 ``nlp.hf.HFCausalLM`` (``nlp.hf.load_hf_lm``) by a forward hook on the layer's FFN module (the model's
 modules are not replaced, so its own MoE layers and their checks are unchanged) and freezes every
 parameter of the model. ``edit`` runs the editing loop (cross-entropy of the new object after each
-edit prompt, plus the router's Switch loss); ``finetune_ffn`` gives the baseline, the same loop on
-the layer's own FFN weights.
+edit prompt, plus the router's Switch loss when ``switch_loss_weight`` > 0, and stopping once every
+edit is predicted); ``finetune_ffn`` gives the baseline, the same loop on the layer's own FFN weights.
 
 ``python -m nlp.memoe`` runs the comparison on the synthetic fact set of ``nlp.facts``: it pretrains
 a small Mixtral-form suite LM on the facts (or reuses the cached one), writes it with
-``nlp.hf.save_mixtral``, loads it back with ``nlp.hf.load_hf_lm``, edits with MEMoE and with FFN
-fine-tuning for each seed, and prints edit success, paraphrase generalisation, locality and
-neighbourhood locality (docs/memoe.md).
+``nlp.hf.save_mixtral``, loads it back with ``nlp.hf.load_hf_lm``, edits with MEMoE, with the same
+adapter routed token by token (an ablation) and with FFN fine-tuning for each seed, and prints edit
+success, paraphrase generalisation, locality and neighbourhood locality (docs/memoe.md).
 
 Legend: B batch, T sequence length, D width, F expert hidden width, E experts, G groups (= B: a
 prompt is one routing group), S tokens per group (= T), V vocabulary.
@@ -120,7 +120,7 @@ class MEMoEAdapter(nn.Module):
         scale: λ.
         switch_loss_weight: the router's balance loss weight.
         routing: ``"anchor"`` (knowledge-anchor routing) or ``"token"`` (each token by its own hidden
-            state, ``core.routers.topk.TopKRouter``: the paper's ablation without anchors).
+            state, ``core.routers.topk.TopKRouter``: an ablation without anchors).
 
     ``forward(x_BTD, anchor_BD, mask_BT=None)`` -> (B, T, D).
     """
