@@ -36,16 +36,16 @@ open(sys.argv[1], "wb").write(b[start:])
 print(f"{sys.argv[1]}: bytes {start}..{len(b)} of the glosses ({len(b) - start} bytes)")
 PYEOF
 
-# 4. Fine-tune, equal steps (experiment=adamoe_finetune: 300 steps of 16 x 128 tokens, lr 3e-4), two runs at a
-#    time: the seeds of (a) and (b) side by side, then (c) with Hydra's joblib launcher.
+# 4. Fine-tune, equal steps (experiment=adamoe_finetune: 300 steps of 16 x 128 tokens, lr 3e-4; validation
+#    after every pass over the fine-tuning split), the three arms side by side, their seeds one after another.
 FT="$PY -m nlp.train -m experiment=adamoe_finetune model.path=$OUT/mixtral_tiny_hf data.path=$OUT/heldout.txt seed=$SEEDS"
 ADAMOE="+router=adamoe router.num_null_experts=16 router.top_k=4 router.load_loss_weight=4e-4"
 pids=()
 [ -d "$OUT/ft/top2" ] || { $FT hydra.sweep.dir="$OUT/ft/top2" & pids+=($!); }             # (a) the checkpoint's top-2
 [ -d "$OUT/ft/adamoe" ] || { $FT $ADAMOE hydra.sweep.dir="$OUT/ft/adamoe" & pids+=($!); } # (b) AdaMoE, null rows copied
+[ -d "$OUT/ft/adamoe_normal" ] || {                                                       # (c) AdaMoE, null rows ~ N(0, 0.02²)
+  $FT $ADAMOE model.null_router_init=normal hydra.sweep.dir="$OUT/ft/adamoe_normal" & pids+=($!); }
 for p in "${pids[@]}"; do wait "$p"; done
-[ -d "$OUT/ft/adamoe_normal" ] ||                                                         # (c) AdaMoE, null rows ~ N(0, 0.02²)
-  $FT $ADAMOE model.null_router_init=normal hydra.sweep.dir="$OUT/ft/adamoe_normal" hydra/launcher=parallel hydra.launcher.n_jobs=2
 
 # 5. Before fine-tuning: each arm's validation perplexity and true experts per token at conversion.
 $PY - "$OUT" <<'PYEOF'
@@ -95,4 +95,16 @@ for arm, ms in runs.items():
     ratio = Stat([m["experts_per_token"] / 2 for m in ms])
     flops = Stat([m["flops_per_token"] / base.mean for m in ms]) if base.n else None
     print(f"| {arm} | {ppl.n} | {fmt(ppl, 3)} | {fmt(ept, 3)} | {fmt(ratio, 3)} | {fmt(flops, 3) if flops else 'n/a'} |")
+print()
+print("validation perplexity / true experts per token after each pass (mean over seeds):")
+for arm, ms in runs.items():
+    dirs = sorted(f.parent for f in Path(sys.argv[1]).glob(f"{arm}/*/metrics.json"))
+    evals = [[json.loads(l) for l in (d / "history.jsonl").read_text().splitlines() if '"end_of_epoch"' in l]
+             for d in dirs]
+    cells = []
+    for i in range(min(len(e) for e in evals)):
+        ppl = Stat([e[i]["val_ppl"] for e in evals])
+        ept = Stat([e[i]["val_routing"]["experts_per_token"] for e in evals])
+        cells.append(f"step {evals[0][i]['step']}: {ppl.mean:.3f} / {ept.mean:.2f}")
+    print(f"  {arm:14s} " + ", ".join(cells))
 PYEOF
