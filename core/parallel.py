@@ -249,6 +249,7 @@ class Parallel:
         self.model = model
         self.scalars: set[str] = set()  # 0-d parameters FSDP trains as 1-element vectors (saved 0-d)
         self.rep_mesh = None  # the 2-D expert mesh's group dimension (expert_parallel_size < W)
+        self.torchrec = False  # a torchrec DistributedModelParallel: its own DDP, whole-layout checkpoints
         self.reduced: list[torch.Tensor] = []
         self.reduced_over_groups: list[torch.Tensor] = []
         if self.world <= 1:
@@ -261,7 +262,7 @@ class Parallel:
         if expert_parallel and expert_parallel_size not in (None, self.world):
             ep_mesh, self.rep_mesh = self._expert_mesh(device.type, expert_parallel_size)
         if self.mode == "fsdp":
-            if any(dist_utils.is_sharded(p) for p in model.parameters()):
+            if callable(getattr(model, "init_data_parallel", None)):
                 raise ValueError("trainer.data_parallel=fsdp is not allowed with tables sharded by torchrec "
                                  "(sharding=...): use trainer.data_parallel=ddp, or sharding=null.")
             self.model = copy.deepcopy(model)
@@ -274,7 +275,16 @@ class Parallel:
                 log.info("trainer.expert_parallel=true: the model has no core MoE layer; data parallelism only")
         ep = expert_parallel_params(self.model)
         loss_module = LossModule(self.model, loss_fn)
-        if self.mode == "ddp":
+        own_ddp = getattr(self.model, "init_data_parallel", None)  # torchrec's DistributedModelParallel
+        self.torchrec = callable(own_ddp)
+        if self.mode == "ddp" and self.torchrec:
+            # torchrec wraps its dense part in DDP itself, its sharded tables left out; spread experts too
+            wrapper = getattr(self.model, "_data_parallel_wrapper", None)
+            if ep and wrapper is not None and hasattr(wrapper, "_additional_params_to_ignore"):
+                wrapper._additional_params_to_ignore = set(wrapper._additional_params_to_ignore) | set(ep)
+            own_ddp()
+            self.module = loss_module
+        elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ignored = [f"model.{n}" for n, p in self.model.named_parameters()

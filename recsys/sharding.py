@@ -11,8 +11,10 @@ pass, so their parameters have no ``.grad``. It is Adagrad (with the trainer's e
 kernels offer SGD and Adagrad variants only ("Optimizer adam is not supported in CPU mode");
 ``core.distributed.follow_schedule`` keeps its learning rate on the trainer's schedule. Those
 tables are marked as sharded (never all-reduced, gathered to the full layout in checkpoints);
-data-parallel tables are ordinary replicated parameters whose gradients the engine all-reduces.
-DMP's own DDP wrapper is not used: the engine all-reduces every replicated gradient itself.
+data-parallel tables are ordinary replicated parameters. The dense part (and data-parallel tables)
+goes into DMP's own DDP wrapper (``DefaultDataParallelWrapper``), which ``core.parallel`` starts
+with ``init_data_parallel`` once any experts are spread (their weights left out of DDP too);
+checkpoints of such a model are one whole-layout file.
 
 Differences from one process: those tables are trained by Adagrad instead of the engine's AdamW,
 without weight decay or gradient clipping (recsys trains with ``weight_decay: 0`` and ``grad_clip:
@@ -53,6 +55,7 @@ def shard_embedding_tables(model: nn.Module, sharding: str | None, lr: float = 1
     """
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
@@ -77,8 +80,12 @@ def shard_embedding_tables(model: nn.Module, sharding: str | None, lr: float = 1
                                        constraints=constraints)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     plan = planner.collective_plan(model, [sharder], pg)
+    # the dense part goes into torchrec's own DDP wrapper when the engine starts (core.parallel calls
+    # init_data_parallel after spreading any experts); routers may leave a parameter unused in a step
+    wrapper = DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=torch.device("cpu"),
-                                   plan=plan, sharders=[sharder], init_data_parallel=False)
+                                   plan=plan, sharders=[sharder], init_data_parallel=False,
+                                   data_parallel_wrapper=wrapper)
     # DMP draws fresh tables: start from the model's own weights, as a one-process run does
     dist_utils.load_full_state_dict(dmp, initial)
     if sharding != "data_parallel":

@@ -103,7 +103,10 @@ def validate_config(cfg: DictConfig) -> int | None:
                            "model.routing_group_size", m.routing_group_size)
     for i, w in enumerate(cfg.get("task_weights") or []):
         check_number(f"task_weights[{i}]", w, ge=0)
-    check_sharding(cfg.get("sharding"))
+    if check_sharding(cfg.get("sharding")) is not None and cfg.trainer.get("data_parallel") == "fsdp":
+        raise ConfigError("trainer.data_parallel", "fsdp", f"sharding={cfg.sharding} spreads the embedding tables "
+                          "with torchrec, whose own DDP wrapper takes the dense part; use trainer.data_parallel=ddp "
+                          "with it, or sharding=null with fsdp")
     return counts[0] if counts else None
 
 

@@ -111,6 +111,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("recsys", ["task_weights=[-1,1]"]),
     ("recsys", ["data.dataset.val_fraction=1.5"]),
     ("recsys", ["sharding=weird"]),
+    ("recsys", ["sharding=table_wise", "trainer.data_parallel=fsdp"]),
     ("recsys", ["model.embedding_dim=0"]),
     ("recsys", ["model=nope"]),
     ("recsys", ["trainer.warmup_steps=1000"]),

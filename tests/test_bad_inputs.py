@@ -462,3 +462,12 @@ def test_activation_estimate_counts_blocks_and_logits():
 
     assert activation_bytes(2, 3, dim=10, depth=1, mlp_ratio=4.0, vocab_size=5) == 4 * 2 * 3 * (8 * 10 + 10)
     assert activation_bytes(2, 6, 10, 2, 4.0) == 2 * activation_bytes(2, 3, 10, 2, 4.0)
+
+
+def test_torchrec_sharding_with_fsdp_is_refused_by_name():
+    """torchrec's DistributedModelParallel brings its own DDP wrapper: FSDP on top is refused before
+    any work, naming the key and both ways out."""
+    cfg = compose("recsys", "debug=default", "sharding=table_wise", "trainer.data_parallel=fsdp")
+    with pytest.raises(ConfigError, match="trainer.data_parallel='fsdp' is not allowed: sharding=table_wise.*"
+                                          "trainer.data_parallel=ddp.*sharding=null"):
+        check_config(cfg, task_class("recsys")())

@@ -536,9 +536,10 @@ class Trainer:
             save_checkpoint(self.ckpt_path, payload)
 
     def _distributed_checkpoint(self, run: _Run) -> bool:
-        """Several ranks write a ``torch.distributed.checkpoint`` directory, unless torchrec shards
-        embedding tables (their fused optimizer state has no such form here)."""
-        return run.parallel.mode is not None and not any(dist_utils.is_sharded(p) for p in run.model.parameters())
+        """Several ranks write a ``torch.distributed.checkpoint`` directory, unless the model is
+        torchrec's ``DistributedModelParallel`` (its sharded tables and fused optimizer state have no
+        such form here: one whole-layout file)."""
+        return run.parallel.mode is not None and not run.parallel.torchrec
 
     def _resume(self, run: _Run) -> TrainState:
         """Model, optimizer, schedule, generators and position from the newest readable checkpoint
