@@ -5,7 +5,7 @@
 #   scripts/adamoe_finetune.sh                 # everything under $OUT (default /tmp/adamoe)
 #   OUT=/tmp/ada SEEDS=0,1 scripts/adamoe_finetune.sh
 # A step whose output exists is skipped, so the script resumes after an interruption.
-# On 2 shared CPU cores: ~35 min pretraining, then two fine-tunes at a time (~5 min each).
+# On 2 shared CPU cores (load 4-8 from other jobs): 43 min pretraining, then 10-12 min per fine-tune, three at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/adamoe}
