@@ -5,8 +5,8 @@
 ``checkpoint`` is a run directory of ``nlp.train`` (it holds ``config.yaml`` and
 ``checkpoints/last.ckpt`` or the final weights ``model.pt``) or one of those files; the run's
 ``data.tokenizer`` (byte, bpe or a Hugging Face tokenizer directory) encodes the prompt and decodes the
-text. Sampling uses temperature and top-k (``temperature=0`` is greedy) and is deterministic under a
-fixed ``seed``.
+text. Sampling uses temperature, top-k and top-p (``top_p=0.9``: nucleus sampling; ``temperature=0``
+is greedy) and is deterministic under a fixed ``seed``.
 
 A KV cache makes each new token cost one position (``cache=auto``, the default: whenever the routers
 route every token by itself alone; ``cache=true`` requires it, ``cache=false`` recomputes the whole
@@ -31,7 +31,7 @@ from nlp.training import build_model
 __all__ = ["bench_generation", "generate_text", "load_model", "main"]
 
 DEFAULTS = {"checkpoint": None, "prompt": "", "max_new_tokens": 200, "seed": 0, "temperature": 0.8,
-            "top_k": 40, "device": "cpu", "cache": "auto", "bench": "false", "repeats": 3}
+            "top_k": 40, "top_p": 1.0, "device": "cpu", "cache": "auto", "bench": "false", "repeats": 3}
 CACHE_CHOICES = {"auto": None, "true": True, "false": False}
 
 
@@ -75,12 +75,13 @@ def _prompt_ids(model, tokenizer, prompt: str) -> torch.Tensor:
 
 
 def generate_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, seed: int = 0,
-                  temperature: float = 0.8, top_k: int | None = 40, use_cache: bool | None = None) -> str:
+                  temperature: float = 0.8, top_k: int | None = 40, use_cache: bool | None = None,
+                  top_p: float | None = None) -> str:
     """The prompt followed by ``max_new_tokens`` sampled tokens, decoded (``use_cache``: see
     ``MoETransformerLM.generate``)."""
     gen = torch.Generator().manual_seed(int(seed))
     out = model.generate(_prompt_ids(model, tokenizer, prompt), max_new_tokens, temperature=temperature, top_k=top_k,
-                         generator=gen, use_cache=use_cache)
+                         generator=gen, use_cache=use_cache, top_p=top_p)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -131,10 +132,13 @@ def parse_args(argv: list[str]) -> dict:
         args["max_new_tokens"], args["seed"] = int(args["max_new_tokens"]), int(args["seed"])
         args["temperature"] = float(args["temperature"])
         args["top_k"] = None if str(args["top_k"]).lower() in ("none", "null", "0") else int(args["top_k"])
+        args["top_p"] = float(args["top_p"])
         args["repeats"] = int(args["repeats"])
     except ValueError as err:
         raise ValueError(f"nlp.generate: {err}; max_new_tokens, seed, top_k and repeats are integers, temperature "
-                         "a number.") from err
+                         "and top_p numbers.") from err
+    if not 0 < args["top_p"] <= 1:
+        raise ValueError(f"top_p={args['top_p']} is not allowed: it must lie in (0, 1] (1: no nucleus cut).")
     if args["max_new_tokens"] < 0:
         raise ValueError(f"max_new_tokens={args['max_new_tokens']} is not allowed: it must be >= 0.")
     for key in ("cache", "bench"):
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> str:
         bench_generation(model, tokenizer, *sampling, repeats=args["repeats"])
     elif args["cache"] == "auto" and model.kv_cache_problem() is not None:
         print(f"no KV cache, the context is recomputed for every token: {model.kv_cache_problem()}", file=sys.stderr)
-    text = generate_text(model, tokenizer, *sampling, use_cache=CACHE_CHOICES[args["cache"]])
+    text = generate_text(model, tokenizer, *sampling, use_cache=CACHE_CHOICES[args["cache"]], top_p=args["top_p"])
     print(text)
     return text
 

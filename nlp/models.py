@@ -117,16 +117,23 @@ class KVCache:
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None, top_p: float | None = None) -> torch.Tensor:
     """The next token (B, 1): greedy at ``temperature`` 0, else sampled from the softmax of
-    ``logits / temperature`` restricted to the ``top_k`` largest (on the CPU, so that a seeded
-    ``generator`` gives the same tokens on every device)."""
+    ``logits / temperature`` restricted to the ``top_k`` largest and then to the nucleus of
+    ``top_p`` (the fewest most probable tokens whose probability reaches ``top_p``; Holtzman et al.,
+    "The Curious Case of Neural Text Degeneration", ICLR 2020). Sampled on the CPU, so that a
+    seeded ``generator`` gives the same tokens on every device."""
     if temperature == 0:
         return logits_BV.argmax(-1, keepdim=True)
     logits_BV = logits_BV / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        before_BV = torch.softmax(sorted_BV, -1).cumsum(-1) - torch.softmax(sorted_BV, -1)
+        drop_BV = before_BV >= top_p  # keep a token while the mass before it is still short of top_p
+        logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
     probs = torch.softmax(logits_BV, -1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits_BV.device)
 
@@ -541,9 +548,10 @@ class MoETransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after the prompt (temperature / top-k sampling; greedy
-        at temperature 0). Returns (B, T + new).
+                 eos_token_id: int | None = None, use_cache: bool | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after the prompt (temperature, top-k and top-p sampling:
+        ``sample_next``; greedy at temperature 0). Returns (B, T + new).
 
         ``use_cache``: None uses a KV cache (``new_kv_cache``: each new token costs one position) when
         the routers allow it and otherwise recomputes the whole context for every token (logged); True
@@ -552,6 +560,8 @@ class MoETransformerLM(nn.Module):
         ``max_seq_len`` tokens, whose positions then shift every step, so from there it is recomputed."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} is not allowed: it must be >= 0.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} is not allowed: it must lie in (0, 1] (1: no nucleus cut).")
         if use_cache not in (None, True, False):
             raise ValueError(f"use_cache={use_cache!r} is not allowed: use True, False or None (when possible).")
         why = self.kv_cache_problem()
@@ -571,7 +581,7 @@ class MoETransformerLM(nn.Module):
             else:
                 cached, cache = False, None
                 logits_BV = self(ids[:, -self.max_seq_len:])[:, -1].float()
-            nxt = sample_next(logits_BV, temperature, top_k, generator)
+            nxt = sample_next(logits_BV, temperature, top_k, generator, top_p)
             ids = torch.cat([ids, nxt], dim=1)
             if eos_token_id is not None and bool((nxt == eos_token_id).all()):
                 break

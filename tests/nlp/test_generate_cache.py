@@ -175,3 +175,26 @@ def test_generate_options_are_checked():
         parse_args(["checkpoint=x", "cache=sometimes"])
     with pytest.raises(ValueError, match="max_new_tokens=-1 is not allowed"):
         parse_args(["checkpoint=x", "max_new_tokens=-1"])
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    """Nucleus sampling (Holtzman et al. 2020): with probabilities 0.5, 0.3, 0.15, 0.05, top_p=0.75
+    keeps the first two tokens (0.5 < 0.75 <= 0.8) and top_p=0.85 the first three; top_p=1 keeps all."""
+    from nlp.models import sample_next
+
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    seen = {p: {int(sample_next(logits, 1.0, None, torch.Generator().manual_seed(s), top_p=p)) for s in range(400)}
+            for p in (0.75, 0.85, 1.0)}
+    assert seen[0.75] == {1, 3} and seen[0.85] == {1, 2, 3} and seen[1.0] == {0, 1, 2, 3}
+    assert int(sample_next(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=0.01)) == 1  # the top token
+    batch = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.7, 0.1, 0.1, 0.1]]))  # rows cut independently
+    rows = [sample_next(batch, 1.0, None, torch.Generator().manual_seed(s), top_p=0.6) for s in range(200)]
+    assert {int(r[0]) for r in rows} == {1, 3} and {int(r[1]) for r in rows} == {0}
+
+
+def test_generate_refuses_a_top_p_outside_the_unit_interval():
+    from nlp.generate import parse_args
+
+    with pytest.raises(ValueError, match=r"top_p=0.0 is not allowed: it must lie in \(0, 1\]"):
+        parse_args(["checkpoint=x", "top_p=0"])
+    assert parse_args(["checkpoint=x", "top_p=0.9"])["top_p"] == 0.9
