@@ -285,43 +285,51 @@ class Parallel:
             own_ddp()
             self.module = loss_module
         elif self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ignored = [f"model.{n}" for n, p in self.model.named_parameters()
-                       if n in ep or dist_utils.is_sharded(p)]
-            if ignored:
-                DDP._set_params_and_buffers_to_ignore_for_model(loss_module, ignored)
-            ids = [device.index] if device.type == "cuda" else None
-            # buffers (routing statistics) are per rank and summed where needed, never overwritten by
-            # rank 0's before a forward (they start equal: broadcast above); a router may leave some
-            # parameters without a gradient in a step (an expert no token chose, a gate a task skips)
-            self.module = DDP(loss_module, device_ids=ids, find_unused_parameters=True, **_no_buffer_sync())
+            self.module = self._ddp(loss_module, ep, device)
         else:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
-            ignored = set(ep.values()) or None
-            if self.rep_mesh is not None:  # each expert's shard is FSDP-sharded over the groups
-                for layer in expert_parallel_layers(self.model).values():
-                    experts = layer.experts
-                    fully_shard(experts, mesh=self.rep_mesh, mp_policy=mp)
-                    experts.run_local = functools.partial(run_local_experts, experts, layer.dispatcher.names)
-                    register_fsdp_forward_method(experts, "run_local")
-                ignored = None
-            self.scalars = _scalars_as_vectors(self.model)
-            for unit in fsdp_units(self.model):
-                fully_shard(unit, mesh=self.mesh, mp_policy=mp, ignored_params=ignored)
-            fully_shard(loss_module, mesh=self.mesh, mp_policy=mp, ignored_params=ignored)
-            # the root's set-up now, not at its first forward: a callback or an evaluation may call
-            # the model (and so a block's forward) first, and that block must not take itself for the root
-            loss_module._get_fsdp_state()._lazy_init()
-            self.module = loss_module
+            self.module = self._fsdp(loss_module, ep, device, bf16)
         self.reduced = [p for n, p in self.model.named_parameters()
                         if p.requires_grad and n not in ep and not dist_utils.is_sharded(p)]
         # a 2-D mesh: the experts' gradients are averaged over the W/size groups only
         self.reduced_over_groups = ([p for n, p in self.model.named_parameters() if n in ep]
                                     if self.rep_mesh is not None else [])
+
+    def _ddp(self, loss_module: LossModule, ep: dict, device: torch.device) -> nn.Module:
+        """``DistributedDataParallel`` around the loss, the spread experts (and torchrec shards) left out."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ignored = [f"model.{n}" for n, p in self.model.named_parameters() if n in ep or dist_utils.is_sharded(p)]
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(loss_module, ignored)
+        ids = [device.index] if device.type == "cuda" else None
+        # buffers (routing statistics) are per rank and summed where needed, never overwritten by
+        # rank 0's before a forward (they start equal: broadcast above); a router may leave some
+        # parameters without a gradient in a step (an expert no token chose, a gate a task skips)
+        return DDP(loss_module, device_ids=ids, find_unused_parameters=True, **_no_buffer_sync())
+
+    def _fsdp(self, loss_module: LossModule, ep: dict, device: torch.device, bf16: bool) -> nn.Module:
+        """FSDP2 on every block and on the root (the loss): spread experts left out, or, on a 2-D
+        mesh, sharded over the groups by their own ``fully_shard``."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+        ignored = set(ep.values()) or None
+        if self.rep_mesh is not None:  # each expert's shard is FSDP-sharded over the groups
+            for layer in expert_parallel_layers(self.model).values():
+                experts = layer.experts
+                fully_shard(experts, mesh=self.rep_mesh, mp_policy=mp)
+                experts.run_local = functools.partial(run_local_experts, experts, layer.dispatcher.names)
+                register_fsdp_forward_method(experts, "run_local")
+            ignored = None
+        self.scalars = _scalars_as_vectors(self.model)
+        for unit in fsdp_units(self.model):
+            fully_shard(unit, mesh=self.mesh, mp_policy=mp, ignored_params=ignored)
+        fully_shard(loss_module, mesh=self.mesh, mp_policy=mp, ignored_params=ignored)
+        # the root's set-up now, not at its first forward: a callback or an evaluation may call the
+        # model (and so a block's forward) first, and that block must not take itself for the root
+        loss_module._get_fsdp_state()._lazy_init()
+        return loss_module
 
     def _expert_mesh(self, device_type: str, size: int):
         """``(ep row, dp_rep column)`` of a 2-D mesh of W/size groups of ``size`` ranks; the 1-D
