@@ -154,6 +154,7 @@ def _worker(rank: int, args, store: str, out: str, router_name: str = "topk", wo
             with open(out, "w") as f:
                 json.dump({"steps": steps, "a2a_share": shares, "per_rank": rows}, f)
     finally:
+        dist.barrier()  # every rank done with the mesh's groups before any rank tears them down
         dist.destroy_process_group()
 
 

@@ -124,8 +124,7 @@ class AllToAllDispatcher:
     is_local = False
 
     def __init__(self, mesh, num_experts: int, names: tuple[str, ...]):
-        self.mesh = mesh
-        self.group = mesh.get_group()
+        self.mesh = mesh  # the group is looked up when used: no process-group object outlives its teardown
         self.world = mesh.size()
         self.num_experts = num_experts
         self.local_experts = num_experts // self.world
@@ -135,6 +134,10 @@ class AllToAllDispatcher:
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ranks={self.world}, experts={self.num_experts}, "
                 f"local=[{self.first}, {self.first + self.local_experts}))")
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
 
     def __call__(self, experts: nn.Module, x_TD: torch.Tensor, token_idx_N: torch.Tensor,
                  expert_idx_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:

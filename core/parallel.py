@@ -197,10 +197,13 @@ def _scalar(value) -> torch.Tensor:
 
 
 def device_mesh(device_type: str):
-    """A 1-D mesh of every rank (the data and the expert dimension are the same ranks)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """A 1-D mesh of every rank (the data and the expert dimension are the same ranks), on a group of
+    its own: its collectives (the experts' all-to-alls, FSDP's) never queue behind the default
+    group's (DDP's bucketed all-reduce)."""
+    from torch.distributed.device_mesh import DeviceMesh
 
-    return init_device_mesh(device_type, (dist_utils.get_world_size(),), mesh_dim_names=("dp",))
+    group = dist.new_group(list(range(dist_utils.get_world_size())))
+    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("dp",))
 
 
 def release(model: nn.Module) -> None:
