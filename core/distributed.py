@@ -113,7 +113,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _whole(t):
+def whole(t):
     """A DTensor gathered whole (a collective); anything else as it is."""
     return t.full_tensor() if _is_dtensor(t) else t
 
@@ -142,8 +142,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank; a collective when the model has parts on different ranks."""
     sd = model.state_dict()
     for key in list(sd):
-        if _is_dtensor(sd[key]):
-            sd[key] = sd[key].full_tensor()
+        sd[key] = whole(sd[key])
     for key in sorted(k for k, v in sd.items() if _is_sharded_tensor(v)):
         sd[key] = _gather_sharded_tensor(sd[key])
     return sd
@@ -193,7 +192,7 @@ def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with the state of DTensor parameters gathered whole (a collective
     when there are any)."""
     osd = optimizer.state_dict()
-    osd["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in osd["state"].items()}
+    osd["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in osd["state"].items()}
     return osd
 
 

@@ -193,7 +193,7 @@ def _scalars_as_vectors(model: nn.Module) -> set[str]:
 
 def _scalar(value) -> torch.Tensor:
     """A 1-element (D)Tensor as a whole 0-d tensor (a collective for a DTensor)."""
-    return (value.full_tensor() if hasattr(value, "full_tensor") else value).reshape(())
+    return dist_utils.whole(value).reshape(())
 
 
 def device_mesh(device_type: str):
@@ -422,7 +422,7 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+        sd = {k: dist_utils.whole(v) for k, v in sd.items()}
         return {k: (v.reshape(()) if k in self.scalars else v) for k, v in sd.items()}
 
     def finish(self) -> nn.Module:
