@@ -43,26 +43,11 @@ test-all: setup
 bench: setup
 	$(PY) -m core.bench
 
-# The router study in every domain, then the cross-domain table and docs/router_study.md (README).
-# The sweep is conf/shared/router_study.yaml (the dense row's conf/shared/router_study_dense.yaml); each
-# domain's experiment/router_study*.yaml under conf/<domain>/ adds its budget.
-STUDY_DOMAINS ?= vision recsys multimodal nlp
-# Soft MoE at the expert compute of top-2: 8 experts x 12 slots = 96 slot passes for 49 patches.
-SOFT_MATCHED := +router=soft router.slots_per_expert=12 router_name=soft_12_slots \
-  hydra.sweep.dir=multirun/router_study/vision/soft_12_slots
+# The router study in every domain, then the cross-domain table docs/router_study.md: what runs, with
+# which settings and why, is scripts/router_study.sh (the sweep itself is conf/shared/router_study.yaml,
+# each domain's budget conf/<domain>/experiment/router_study*.yaml). About 80 minutes on 2 CPU cores.
 study: setup
-	for d in $(STUDY_DOMAINS); do \
-	  $(PY) -m $$d.train -m experiment=router_study && \
-	  $(PY) -m $$d.train -m experiment=router_study_dense || exit 1; \
-	done
-	$(PY) -m vision.train -m experiment=router_study $(SOFT_MATCHED)
-	$(PY) -m multimodal.train -m experiment=multimodal_limoe_study
-	$(PY) -m core.compare multirun/router_study --out multirun/router_study/compare --page docs/router_study.md \
-	  --title "The router study in four domains" \
-	  $(foreach d,$(STUDY_DOMAINS),--command "python -m $(d).train -m experiment=router_study" \
-	    --command "python -m $(d).train -m experiment=router_study_dense") \
-	  --command "python -m vision.train -m experiment=router_study $(SOFT_MATCHED)" \
-	  --command "python -m multimodal.train -m experiment=multimodal_limoe_study"
+	. $(VENV)/bin/activate && scripts/router_study.sh
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

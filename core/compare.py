@@ -58,6 +58,8 @@ COMMON = [
     ("params_active", "active params", "{:.3g}"),
     ("load_cv2", "load CV²", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.3f}"),
+    # mean entropy (nats) of a token's routing distribution: ln E (2.08 for 8 experts) is uniform routing
+    ("routing_entropy", "entropy", "{:.2f}"),
 ]
 NA = "n/a"
 # config keys (and everything below them) that do not make a run another configuration: the seed,

@@ -113,7 +113,7 @@ def test_router_study_is_the_shared_sweep_at_the_domains_budget(domain):
         sweep = OmegaConf.to_container(cfg.hydra.sweep)   # unresolved
         assert cfg.hydra.mode.name == "MULTIRUN" and sweep["subdir"] == "${hydra.job.override_dirname}"
         assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == ["experiment"]
-        assert cfg.hydra.sweeper.params.seed == "0,1"
+        assert cfg.hydra.sweeper.params.seed == "0,1,2"
     assert study.hydra.sweep.dir == f"multirun/router_study/{domain}"
     assert dense.hydra.sweep.dir == f"multirun/router_study/{domain}/dense"
     assert study.hydra.sweeper.params["+router"] == ROUTERS
@@ -176,5 +176,6 @@ def test_shared_sweep_settings_are_written_once():
     """The router study's sweep (mode, seeds, routers, directories) is only in conf/shared/."""
     owners = [p for p in _yaml_files() if f"+router: {ROUTERS}" in p.read_text()]
     assert owners == [CONF_DIR / "shared" / "router_study.yaml"]
-    seeds = [p for p in _yaml_files() if re.search(r"^\s+seed: 0,1$", p.read_text(), re.M)]
+    study_files = [p for p in _yaml_files() if "router_study" in p.read_text()]   # in name or in defaults
+    seeds = [p for p in study_files if re.search(r"^\s+seed: \d+(,\d+)+$", p.read_text(), re.M)]   # a seed sweep
     assert seeds == [CONF_DIR / "shared" / "router_study_dense.yaml"]
