@@ -582,9 +582,10 @@ def _table_notes(t: Table) -> list[str]:
 
 def report(runs: list[dict], title: str = "Router comparison", commands: list[str] | None = None,
            invocation: str | None = None, problems: list[tuple[str, str]] | None = None,
-           baseline: str = "none") -> str:
-    """The Markdown report: provenance, the cross-domain quality table, every table of every domain,
-    and the run directories that could not be used."""
+           baseline: str = "none", notes: str | None = None) -> str:
+    """The Markdown report: provenance, the commands and ``notes`` (Markdown: the settings and why),
+    the cross-domain quality table, every table of every domain, and the run directories that could
+    not be used."""
     tables = build_tables(runs, baseline)
     parts = [f"# {title}", ""]
     if invocation:
@@ -592,6 +593,8 @@ def report(runs: list[dict], title: str = "Router comparison", commands: list[st
     parts += _provenance(runs) + [""]
     if commands:
         parts += ["Commands:", "", "```sh", *commands, "```", ""]
+    if notes:
+        parts += [notes.strip(), ""]
     parts += ["## Task quality across domains", "",
               "A row is one configuration (runs equal apart from the seed); ↑: higher is better, ↓: lower is "
               "better; cells: mean ± std [95% Student-t interval] n = distinct seeds; n/a: the router does not "
@@ -606,9 +609,9 @@ def report(runs: list[dict], title: str = "Router comparison", commands: list[st
             parts += [f"### {t.domain}, another budget: {budget_text(differ)}", "",
                       f"Listed apart, not averaged with the runs above. Budget: {budget_text(t.budget)}.", ""]
         parts += [to_markdown(*table_rows(t))]
-        notes = _table_notes(t)
-        if notes:
-            parts += notes + [""]
+        table_notes = _table_notes(t)
+        if table_notes:
+            parts += table_notes + [""]
     analyses = analysis_table(runs)
     if analyses is not None:
         parts += ["## Routing analyses", "",
@@ -684,7 +687,7 @@ def plot(tables: list[Table], out_dir: Path) -> list[Path]:
 
 def compare(paths: list[str | Path], out_dir: str | Path, page: str | Path | None = None,
             title: str = "Router comparison", commands: list[str] | None = None,
-            invocation: str | None = None, baseline: str = "none") -> dict:
+            invocation: str | None = None, baseline: str = "none", notes: str | None = None) -> dict:
     """Write ``compare.md`` (the report), ``compare.csv`` and ``compare_<domain>.png`` into
     ``out_dir``, and the report also to ``page`` when given."""
     runs, problems = scan(paths)
@@ -694,7 +697,7 @@ def compare(paths: list[str | Path], out_dir: str | Path, page: str | Path | Non
     tables = build_tables(runs, baseline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = report(runs, title, commands, invocation, problems, baseline)
+    markdown = report(runs, title, commands, invocation, problems, baseline, notes)
     (out / "compare.md").write_text(markdown)
     if page is not None:
         Path(page).parent.mkdir(parents=True, exist_ok=True)
@@ -717,10 +720,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", action="append", default=[], help="a command that produced the runs (repeatable)")
     parser.add_argument("--baseline", default="none",
                         help="the router (or configuration label) of the row the Δ column compares with (default: none, the dense model)")
+    parser.add_argument("--notes", default=None, metavar="FILE",
+                        help="a Markdown file whose text the report shows after the commands (the settings and why)")
     args = parser.parse_args(argv)
+    notes = None
+    if args.notes is not None:
+        try:
+            notes = Path(args.notes).read_text()
+        except OSError as err:
+            print(f"error: --notes {args.notes}: {err.strerror}: give a readable Markdown file", file=sys.stderr)
+            return 2
     invocation = "python -m core.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        result = compare(args.dirs, args.out, args.page, args.title, args.command, invocation, args.baseline)
+        result = compare(args.dirs, args.out, args.page, args.title, args.command, invocation, args.baseline, notes)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

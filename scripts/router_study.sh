@@ -6,18 +6,7 @@
 #   DOMAINS="recsys nlp" scripts/router_study.sh  # some domains (the page still tabulates every run there)
 # A sweep whose directory holds a .done marker is skipped, so the script resumes after an interruption.
 #
-# Settings, and why (docs/router_study.md repeats them):
-# - Soft MoE runs as in the paper's Algorithm 1 (router.normalize=false). With the reference
-#   implementation's l2 normalisation and a learned scale starting at 1 the slot logits stay within
-#   +-1, so at these budgets every slot stays close to the mean token (docs/soft_moe_regime.md: 64% with
-#   the reference setting against 74% without normalisation, vision, 3 seeds). The study's shared
-#   sweep (conf/shared/router_study.yaml) keeps the reference setting as the row "soft" in recsys and
-#   multimodal, next to "soft normalize=False", to see whether the same regime effect is there.
-# - Vision trains 3 epochs of 20k images (468 steps), 3x the 1-epoch budget of
-#   experiment=router_study_budget, and adds Soft MoE at top-2's expert compute (12 slots per expert:
-#   96 slot passes for 49 patches, against top-2's 98 token passes).
-# - Everything else is each router's conf/router/<name>.yaml default; the language model refuses the
-#   routers that would see later tokens, recorded as n/a.
+# The settings each router uses, and why, are the notes written below (they head docs/router_study.md).
 # Two runs at a time, one thread each: about 80 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +50,32 @@ for c in "${commands[@]}"; do
   touch "$dir/.done"
 done
 
-cmd_args=()
+mkdir -p $OUT
+cat > $OUT/settings.md <<'EOF'
+Settings, and why:
+
+- **Every router runs its `conf/router/<name>.yaml` defaults**, the paper's settings where the paper gives them:
+  - `topk`: V-MoE's top-2 with capacity factor 1.05, training noise of std 1/E and the importance and load losses;
+  - `mixtral`: dropless top-2, renormalised, with a small Switch balance loss;
+  - `expert_choice`: capacity factor 2, so each expert takes 2/E of a group's tokens;
+  - `soft`: one slot per expert.
+- **Soft MoE runs as in the paper's Algorithm 1 (`router.normalize=false`) in every domain.** With the reference
+  implementation's l2 normalisation and a learned scale starting at 1, the slot logits stay within ±1. At these
+  budgets every slot then stays close to the mean token: in vision, 3 seeds at 1 epoch, 64% with the reference
+  setting against 74% without normalisation ([soft_moe_regime.md](soft_moe_regime.md)).
+  - In recsys and multimodal, the study's shared sweep (`conf/shared/router_study.yaml`) also keeps the reference
+    setting as the row `soft normalize=True`, to show whether the same regime effect is there.
+- **Vision trains 3 epochs of 20k images** (468 steps, three times the 1-epoch `experiment=router_study_budget`).
+  - It adds Soft MoE at top-2's expert compute: 12 slots per expert, so 96 slot passes for 49 patches, against
+    top-2's 98 token passes.
+  - It routes one image (49 patches) per group, so top-2 at capacity 1.05 has 13 slots per expert for 98 choices
+    and drops about an eighth of them. [router_regime.md](router_regime.md) checks whether capacity and training
+    noise at this group size decide the ranking.
+- **The language model refuses the routers that would let a token see later tokens;** they are recorded as n/a.
+- **Group routers take their group from `model.routing_group_size`** (the training batch by default), the same in
+  training and evaluation, so no evaluation depends on the evaluation batch.
+EOF
+cmd_args=(--notes $OUT/settings.md)
 for c in "${commands[@]}"; do cmd_args+=(--command "OMP_NUM_THREADS=1 $c $PAR"); done
 python -m core.compare $OUT --out $OUT/compare --page docs/router_study.md \
   --title "The router study in four domains" "${cmd_args[@]}"

@@ -84,6 +84,19 @@ def test_quality_table_and_provenance(sweep, tmp_path):
     assert "python -m vision.train -m x" in text
 
 
+def test_notes_file_goes_after_the_commands_and_a_missing_one_is_named(sweep, tmp_path, capsys):
+    notes = tmp_path / "settings.md"
+    notes.write_text("Settings: topk uses capacity factor 1.05, because V-MoE does.\n")
+    page = tmp_path / "page.md"
+    assert main([str(sweep), "--out", str(tmp_path / "cmp"), "--page", str(page), "--command", "make study",
+                 "--notes", str(notes)]) == 0
+    text = page.read_text()
+    assert text.index("make study") < text.index("Settings: topk uses") < text.index("## Task quality")
+    assert main([str(sweep), "--out", str(tmp_path / "cmp2"), "--notes", str(tmp_path / "nope.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--notes" in err and "nope.md" in err and not (tmp_path / "cmp2").exists()
+
+
 def test_tiny_real_multirun_gives_a_row_per_router(tmp_path):
     """Two routers through Hydra's multirun (recsys debug config, real processes) -> both rows."""
     sweep = tmp_path / "sweep"
