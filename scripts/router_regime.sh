@@ -16,8 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=multirun/router_regime
-export OMP_NUM_THREADS=1
-PAR="hydra/launcher=parallel hydra.launcher.n_jobs=2"
+. scripts/sweeps.sh
 RUN="python -m vision.train -m experiment=router_study_budget seed=0,1,2"
 commands=(
   "$RUN +router=topk router.capacity_factor=1.05,2.0 hydra.sweep.dir=$OUT/topk_capacity"
@@ -26,15 +25,8 @@ commands=(
   "$RUN +router=expert_choice router.capacity_factor=1.0 hydra.sweep.dir=$OUT/expert_choice_capacity"
   "$RUN model.moe=false hydra.sweep.dir=$OUT/dense"
 )
-for c in "${commands[@]}"; do
-  [[ $c =~ hydra\.sweep\.dir=([^ ]+) ]] && dir=${BASH_REMATCH[1]}
-  if [ -f "$dir/.done" ]; then echo "done already: $dir"; continue; fi
-  echo "== $c"
-  nice -n 5 $c $PAR
-  touch "$dir/.done"
-done
+run_sweeps "${commands[@]}"
 
-cmd_args=()
-for c in "${commands[@]}"; do cmd_args+=(--command "OMP_NUM_THREADS=1 $c $PAR"); done
+compare_args "${commands[@]}"
 python -m core.compare $OUT --out $OUT/compare --page docs/router_regime.md \
-  --title "Regime checks of top-2 and expert choice at the vision study's budget" "${cmd_args[@]}"
+  --title "Regime checks of top-2 and expert choice at the vision study's budget" "${COMPARE_ARGS[@]}"

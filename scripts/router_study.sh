@@ -13,8 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=multirun/router_study
 DOMAINS=${DOMAINS:-"recsys nlp multimodal vision"}
 SEEDS=seed=0,1,2
-export OMP_NUM_THREADS=1
-PAR="hydra/launcher=parallel hydra.launcher.n_jobs=2"
+. scripts/sweeps.sh
 SOFT="+router=soft router.normalize=false"
 V3="experiment=router_study_budget trainer.max_epochs=3 trainer.eval_every_epochs=3"
 
@@ -42,13 +41,7 @@ for d in $DOMAINS; do
   esac
 done
 
-for c in "${commands[@]}"; do
-  [[ $c =~ hydra\.sweep\.dir=([^ ]+) ]] && dir=${BASH_REMATCH[1]}
-  if [ -f "$dir/.done" ]; then echo "done already: $dir"; continue; fi
-  echo "== $c"
-  nice -n 5 $c $PAR
-  touch "$dir/.done"
-done
+run_sweeps "${commands[@]}"
 
 mkdir -p $OUT
 cat > $OUT/settings.md <<'EOF'
@@ -75,7 +68,7 @@ Settings, and why:
 - **Group routers take their group from `model.routing_group_size`** (the training batch by default), the same in
   training and evaluation, so no evaluation depends on the evaluation batch.
 EOF
-cmd_args=(--notes $OUT/settings.md)
-for c in "${commands[@]}"; do cmd_args+=(--command "OMP_NUM_THREADS=1 $c $PAR"); done
+
+compare_args "${commands[@]}"
 python -m core.compare $OUT --out $OUT/compare --page docs/router_study.md \
-  --title "The router study in four domains" "${cmd_args[@]}"
+  --title "The router study in four domains" --notes $OUT/settings.md "${COMPARE_ARGS[@]}"
