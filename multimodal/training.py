@@ -150,11 +150,13 @@ def validate_config(cfg: DictConfig) -> int | None:
 
 def _check_limoe_groups(m: DictConfig, d: DictConfig, router) -> None:
     """LIMoE's routing groups of ``model.routing_group_size`` pairs (``multimodal.models``): evaluation
-    batches hold whole groups, and the router takes groups of that many pairs' tokens (joint, image
+    batches hold whole groups where the router's evaluation depends on its group
+    (``Router.eval_group_dependent``), and the router takes groups of that many pairs' tokens (joint, image
     only, text only)."""
     group = m.routing_group_size
     check_int("data.eval_batch_size", d.eval_batch_size)
-    check_whole_groups("data.eval_batch_size", d.eval_batch_size, "model.routing_group_size", group, "pairs")
+    if router is None or router.eval_group_dependent:   # None: LIMoE's own router (top-1 with capacity)
+        check_whole_groups("data.eval_batch_size", d.eval_batch_size, "model.routing_group_size", group, "pairs")
     if router is None or "patch_size" not in m:
         return
     try:

@@ -33,7 +33,8 @@ the last group of a batch, when partial, is padded with zero rows that ``mask_GS
 (routers keep them out of their choices; their outputs are dropped). An example's routing then depends
 only on its own group: the consecutive block of ``routing_group_size`` examples of the split it falls
 in, whatever the evaluation batch size, as long as evaluation batches hold whole groups
-(``recsys.training`` refuses an ``eval_batch_size`` that is not a multiple of ``routing_group_size``).
+(``recsys.training`` refuses an ``eval_batch_size`` that is not a multiple of ``routing_group_size``
+when the gate's evaluation depends on its group, ``Router.eval_group_dependent``).
 This is the group-size convention of V-MoE and GShard (the group is a fixed number of tokens, not the
 batch); it makes evaluation exactly batch-invariant, not per-example: examples still share capacity
 with their group, as in training. Per-example gates (dense softmax, dropless top-k) are unaffected.

@@ -70,9 +70,10 @@ def validate_config(cfg: DictConfig) -> int | None:
     model_cls = check_target("model._target_", m.get("_target_"), torch.nn.Module,
                              ": use model=<name> with a conf/recsys/model config")
     counts = _gate_expert_counts(m)
+    gate = None
     if counts is not None:
         try:
-            check_router(m.gate, counts, key="router", domain="recsys")
+            gate = check_router(m.gate, counts, key="router", domain="recsys")
         except ConfigError as err:
             if err.key == "router.num_experts":  # the gate's weights would not fit: the model's key is at fault
                 key = "model.num_experts" if "num_experts" in m else "model.num_task_experts"
@@ -97,8 +98,9 @@ def validate_config(cfg: DictConfig) -> int | None:
     check_int("data.batch_size", d.batch_size)
     for key in ("eval_batch_size", "limit_train", "limit_eval"):
         check_int(f"data.{key}", d.get(key), optional=True)
-    if counts is not None and m.get("routing_group_size") is not None:
-        # recsys.models cuts batches into groups of routing_group_size examples
+    if gate is not None and gate.eval_group_dependent and m.get("routing_group_size") is not None:
+        # recsys.models cuts batches into groups of routing_group_size examples; a gate that decides per
+        # example (softmax, dropless top-k: the default gate is None) gives the same output in any group
         check_whole_groups("data.eval_batch_size", d.get("eval_batch_size") or d.batch_size,
                            "model.routing_group_size", m.routing_group_size)
     for i, w in enumerate(cfg.get("task_weights") or []):

@@ -94,6 +94,11 @@ class TokenChoiceCapacity:
             return True
         return self.experts_per_token == 1 and not self.batch_priority
 
+    @property
+    def eval_group_dependent(self) -> bool:
+        """A capacity shared by the group's tokens makes a token's routing depend on the others."""
+        return self.capacity_factor is not None or super().eval_group_dependent
+
     def capacity(self, group_size: int) -> int | None:
         if self.capacity_factor is None:
             return None
@@ -127,6 +132,9 @@ class Router(nn.Module):
     - ``routes_by_position``: a token's routing depends on its position in its group, not only on
       the token (so a KV-cached decoder, which routes each new token in a group of its own, cannot
       reproduce it: ``nlp.models.incremental_routing_problem``);
+    - ``eval_group_dependent`` (a property): in evaluation, a token's routing or output depends on the
+      other tokens of its group (a choice over the group, capacity, mixing); False: a token's output is
+      the same in any group, so evaluation needs no fixed routing groups (BASE routes greedily there);
     - ``routes_segments``: its groups are consecutive segments of one sequence, each routed by the one
       before (Lory), so it needs a domain whose examples are sequences (``routing_group_size``); where
       a group is a whole example (an image, a caption) an example would be routed by its batch
@@ -167,6 +175,11 @@ class Router(nn.Module):
     def is_causal(self) -> bool:
         """Whether routing token s never looks at tokens after s in its group."""
         return self.token_local
+
+    @property
+    def eval_group_dependent(self) -> bool:
+        """Whether, in evaluation, a token's routing or output depends on the other tokens of its group."""
+        return not self.token_local or self.mixes_tokens or self.routes_by_position
 
     def check_group_size(self, group_size: int) -> None:
         """Raise ``ValueError`` when this router cannot route groups of ``group_size`` tokens."""

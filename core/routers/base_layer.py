@@ -79,6 +79,11 @@ class BaseLayerRouter(Router):
                              f"of a group, so the group size must be a multiple of num_experts={E}; set the MoE "
                              "layer's group_size (or the sequence length) to a multiple of E.")
 
+    @property
+    def eval_group_dependent(self) -> bool:
+        """False: in evaluation each token takes its best expert, whatever its group holds."""
+        return False
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape
         E = self.num_experts

@@ -87,6 +87,11 @@ class SBaseRouter(Router):
         self.balanced = check_bool("balanced", balanced)
         self.weight = init_router_weight(num_experts, dim)
 
+    @property
+    def eval_group_dependent(self) -> bool:
+        """False: in evaluation each token takes its best expert, whatever its group holds."""
+        return False
+
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape
         E = self.num_experts

@@ -250,6 +250,39 @@ def test_causal_routers_ignore_later_tokens(router_name, make_router):
     torch.testing.assert_close(wa[:, first], wb[:, first], rtol=0, atol=1e-6)
 
 
+def _token_weights_SE(routing: Routing) -> torch.Tensor:
+    """Each token's weights per expert, tokens of every group in a row (G·S rows)."""
+    if routing.is_soft:   # what a token receives from each expert, and what it sends to each
+        w = torch.cat([routing.combine_GSEP.sum(3), routing.dispatch_GSEP.sum(3)], dim=-1)
+    else:
+        w = routing.dense_dispatch_combine()[1].sum(3)
+    return w.reshape(-1, w.shape[-1])
+
+
+def test_eval_group_dependent_says_whether_a_token_routes_alone_as_in_its_group(router_name, make_router):
+    """``Router.eval_group_dependent`` is what the domains read to decide whether evaluation needs fixed
+    routing groups (recsys, multimodal). A router that says False routes each of 12 tokens alone (12
+    groups of one) exactly as in their group of 12; one that says True routes some token differently
+    on tokens that all prefer the same experts (so capacity binds), or cannot route a group of one."""
+    S, E = 12, 4
+    router = make_router(router_name)(dim=D, num_experts=E).eval()
+    x = torch.randn(1, 1, D) + 0.05 * torch.randn(1, S, D)   # near-identical tokens: capacity binds
+    ids = torch.randint(0, 50, (1, S))
+    with torch.no_grad():
+        together = _route(router, x, None, ids)
+        try:
+            alone = _route(router, x.view(S, 1, D), None, ids.view(S, 1))
+        except ValueError:   # groups of one refused (BASE: a multiple of E)
+            assert router.eval_group_dependent, f"{router_name} cannot route a token alone"
+            return
+    if together.is_merged:   # one merged expert per group: a group's output mixes its tokens
+        assert router.eval_group_dependent
+        return
+    a, b = _token_weights_SE(together), _token_weights_SE(alone)
+    same = a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert same != router.eval_group_dependent, (router_name, router.eval_group_dependent, (a - b).abs().max())
+
+
 # ---- specific routers --------------------------------------------------------------------------
 
 def test_sinkhorn_constant_logits_give_uniform_plan():
