@@ -417,11 +417,23 @@ def build_tables(runs: list[dict], baseline: str = "none") -> list[Table]:
         by_budget: dict[tuple, list[dict]] = defaultdict(list)
         for r in by_domain[domain]:
             by_budget[_budget(r)].append(r)
-        order = sorted(by_budget, key=lambda b: (-len(by_budget[b]), str(b)))
+        _join_refused_runs(by_budget)
+        ran = {b: sum(r.get("status") != NA for r in rs) for b, rs in by_budget.items()}
+        order = sorted(by_budget, key=lambda b: (-ran[b], -len(by_budget[b]), str(b)))
         follow_seed = seed_derived_keys(by_domain[domain])
         for i, budget in enumerate(order):
             tables.append(_table(domain, budget, i == 0, metric, higher, by_budget[budget], baseline, follow_seed))
     return tables
+
+
+def _join_refused_runs(by_budget: dict[tuple, list[dict]]) -> None:
+    """A run refused before it started (n/a) records no device: move the runs of a budget without one
+    into the budget with a device that is otherwise equal and holds the most runs, if there is one."""
+    for budget in [b for b in by_budget if "device" not in dict(b)]:
+        same = [b for b in by_budget if "device" in dict(b) and b[:-1] == budget]
+        if same and all(r.get("status") == NA for r in by_budget[budget]):
+            target = max(same, key=lambda b: len(by_budget[b]))
+            by_budget[target] += by_budget.pop(budget)
 
 
 def _seed_key(run: dict) -> str:
@@ -501,17 +513,46 @@ def quality_table(runs_or_tables, baseline: str = "none") -> tuple[list[str], li
     tables = runs_or_tables if runs_or_tables and isinstance(runs_or_tables[0], Table) else build_tables(runs_or_tables, baseline)
     tables = [t for t in tables if t.main and t.metric]
     header = ["configuration"] + [f"{t.domain} {t.metric} {'↑' if t.higher_is_better else '↓'}" for t in tables] + ["seeds"]
-    labels = sorted({r.label for t in tables for r in t.rows}, key=lambda x: (x.split(" ")[0] != baseline, x))
+    cross = _cross_labels(tables)
+    labels = sorted(set(cross.values()), key=lambda x: (x.split(" ")[0] != baseline, x))
     out = []
     for label in labels:
         cells, seeds = [label], 0
         for t in tables:
-            row = next((r for r in t.rows if r.label == label), None)
+            row = next((r for r in t.rows if cross[(t.domain, r.label)] == label), None)
             s = row.stat(t.metric) if row else None
             cells.append("" if row is None else NA if row.not_applicable else fmt_stat(s) if s else "")
             seeds = max(seeds, row.seeds if row else 0)
         out.append(cells + [str(seeds)])
     return header, out
+
+
+def _cross_labels(tables: list[Table]) -> dict[tuple[str, str], str]:
+    """(domain, row label) -> the row's label across domains. A domain's labels show the router keys
+    that differ between its own rows of a router; across domains every row of that router shows the
+    router keys any domain shows, so equal settings share a line (one domain's ``soft
+    slots_per_expert=1`` and another's ``soft normalize=False`` are both ``soft normalize=False
+    slots_per_expert=1`` when both ran with normalize=false and one slot)."""
+    def settings(label: str) -> list[str]:
+        return [tok.split("=", 1)[0] for tok in label.split(" ")[1:] if "=" in tok]
+
+    shown: dict[str, set[str]] = defaultdict(set)
+    for t in tables:
+        for r in t.rows:
+            config = r.runs[0].get("_config") or {}
+            shown[r.router] |= {k for k in settings(r.label) if f"router.{k}" in config}
+    out = {}
+    for t in tables:
+        for r in t.rows:
+            config = r.runs[0].get("_config") or {}
+            head, *tokens = r.label.split(" ")
+            other = [tok for tok in tokens if tok.split("=", 1)[0] not in shown[r.router]]
+            router_keys = {tok.split("=", 1)[0]: tok for tok in tokens if tok not in other}
+            for k in shown[r.router] - set(router_keys):
+                if f"router.{k}" in config:
+                    router_keys[k] = f"{k}={_show(config[f'router.{k}'])}"
+            out[(t.domain, r.label)] = " ".join([head, *other, *(router_keys[k] for k in sorted(router_keys))])
+    return out
 
 
 CSV_HEADER = ["domain", "budget", "main_budget", "configuration", "router", "metric", "seeds", "n", "mean", "std",

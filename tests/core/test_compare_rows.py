@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 from scipy import stats
 
-from core.compare import compare, difference, scan
+from core.compare import compare, difference, quality_table, scan
 from tests.conftest import compose
 
 
@@ -136,6 +136,48 @@ def test_other_budgets_are_listed_apart(tmp_path, vision_debug_config):
     assert "### vision, another budget: device=cuda bf16" in out["markdown"]
     assert "### vision, another budget: trainer.max_steps=400" in out["markdown"]
     assert "### vision, another budget: debug=null" in out["markdown"]
+
+
+def test_refused_runs_join_the_table_of_the_runs_that_ran(tmp_path, vision_debug_config):
+    """A run refused before it started (n/a: a non-causal router in a language model) records no device;
+    it joins the table of its budget's runs that ran, which stays the main one however many were refused."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        _run(root, f"ran{seed}", _config(vision_debug_config, seed), router="topk", test_acc=0.5, device="cpu",
+             precision="fp32")
+    for seed in (0, 1, 2):
+        for router in ("soft", "expert_choice"):
+            _run(root, f"{router}{seed}", _config(vision_debug_config, seed, **{"router.top_k": None}),
+                 router=router, status="n/a", reason=f"{router} is not causal")
+    out = compare([root], tmp_path / "cmp")
+    assert [t.main for t in out["tables"]] == [True]
+    rows = {r["configuration"]: r for r in _csv(tmp_path / "cmp")}
+    assert int(rows["topk"]["n"]) == 2 and set(rows) == {"topk", "soft", "expert_choice"}
+    assert "another budget" not in out["markdown"]
+
+
+def test_equal_router_settings_share_a_line_across_domains(tmp_path):
+    """Domain A's soft rows differ in normalize, domain B's in slots_per_expert: in the cross-domain
+    table A's ``soft normalize=False`` and B's ``soft slots_per_expert=1`` (normalize=False too) are
+    one line, ``soft normalize=False slots_per_expert=1``; A's normalize=True row stays its own."""
+    soft = OmegaConf.to_container(compose("vision", "debug=default", "+router=soft"), resolve=True)
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for normalize, acc in ((True, 0.5), (False, 0.7)):
+            _run(root, f"a_{normalize}_{seed}", _config(soft, seed, **{"router.normalize": normalize}),
+                 router="soft", test_acc=acc)
+        for slots, auc in ((1, 0.91), (12, 0.92)):
+            _run(root, f"b_{slots}_{seed}", _config(soft, seed, **{"router.normalize": False,
+                 "router.slots_per_expert": slots}), domain="recsys", metric="test_auc", router="soft",
+                 test_auc=auc)
+    header, rows = quality_table(compare([root], tmp_path / "cmp")["tables"])
+    rows = {r[0]: r for r in rows}
+    assert set(rows) == {"soft normalize=False slots_per_expert=1", "soft normalize=True slots_per_expert=1",
+                         "soft normalize=False slots_per_expert=12"}
+    both = rows["soft normalize=False slots_per_expert=1"]
+    assert both[header.index("vision test_acc ↑")].startswith("0.7000")
+    assert both[header.index("recsys test_auc ↑")].startswith("0.9100")
+    assert rows["soft normalize=True slots_per_expert=1"][header.index("recsys test_auc ↑")] == ""
 
 
 def test_unreadable_and_unfinished_runs_are_listed_in_the_report(tmp_path, vision_debug_config):
