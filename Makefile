@@ -45,7 +45,7 @@ bench: setup
 
 # The router study in every domain, then the cross-domain table docs/router_study.md: what runs, with
 # which settings and why, is scripts/router_study.sh (the sweep itself is conf/shared/router_study.yaml,
-# each domain's budget conf/<domain>/experiment/router_study*.yaml). About 80 minutes on 2 CPU cores.
+# each domain's budget conf/<domain>/experiment/router_study*.yaml). About 90 minutes on 2 CPU cores.
 study: setup
 	. $(VENV)/bin/activate && scripts/router_study.sh
 
