@@ -66,6 +66,7 @@ class BaseLayerRouter(Router):
 
     family = "assignment"
     token_local = False
+    eval_group_dependent = False  # evaluation sends each token to its best expert, whatever its group
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__(dim, num_experts)
@@ -78,11 +79,6 @@ class BaseLayerRouter(Router):
             raise ValueError(f"group_size={group_size} is not allowed: BASE layers give every expert S/E tokens "
                              f"of a group, so the group size must be a multiple of num_experts={E}; set the MoE "
                              "layer's group_size (or the sequence length) to a multiple of E.")
-
-    @property
-    def eval_group_dependent(self) -> bool:
-        """False: in evaluation each token takes its best expert, whatever its group holds."""
-        return False
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape

@@ -80,17 +80,13 @@ class SBaseRouter(Router):
 
     family = "assignment"
     token_local = False
+    eval_group_dependent = False  # evaluation sends each token to its best expert, whatever its group
 
     def __init__(self, dim: int, num_experts: int, num_iters: int = 20, balanced: bool = True):
         super().__init__(dim, num_experts)
         self.num_iters = check_positive_int("num_iters", num_iters)
         self.balanced = check_bool("balanced", balanced)
         self.weight = init_router_weight(num_experts, dim)
-
-    @property
-    def eval_group_dependent(self) -> bool:
-        """False: in evaluation each token takes its best expert, whatever its group holds."""
-        return False
 
     def forward(self, x_GSD: torch.Tensor, mask_GS: torch.Tensor | None = None, **kwargs) -> Routing:
         G, S, _ = x_GSD.shape
