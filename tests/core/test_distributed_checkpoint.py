@@ -14,6 +14,9 @@ from core.engine.checkpoint import (MANIFEST, STATE_FILE, find_checkpoint, load_
                                     save_checkpoint, save_distributed_checkpoint, verify_distributed_checkpoint)
 from core.engine.records import WriteError
 
+# dcp says once per call that it runs without a process group: here that is the point
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
 
 def _save(path, value: float, step: int) -> None:
     tensors = {"model": {"w": torch.full((3, 2), value)}, "optimizer": {"state": {"w": {"exp_avg": torch.ones(3, 2)}}}}
