@@ -430,7 +430,7 @@ def _join_refused_runs(by_budget: dict[tuple, list[dict]]) -> None:
     """A run refused before it started (n/a) records no device: move the runs of a budget without one
     into the budget with a device that is otherwise equal and holds the most runs, if there is one."""
     for budget in [b for b in by_budget if "device" not in dict(b)]:
-        same = [b for b in by_budget if "device" in dict(b) and b[:-1] == budget]
+        same = [b for b in by_budget if "device" in dict(b) and tuple(kv for kv in b if kv[0] != "device") == budget]
         if same and all(r.get("status") == NA for r in by_budget[budget]):
             target = max(same, key=lambda b: len(by_budget[b]))
             by_budget[target] += by_budget.pop(budget)
@@ -536,22 +536,19 @@ def _cross_labels(tables: list[Table]) -> dict[tuple[str, str], str]:
     def settings(label: str) -> list[str]:
         return [tok.split("=", 1)[0] for tok in label.split(" ")[1:] if "=" in tok]
 
+    rows = [(t.domain, r, r.runs[0].get("_config") or {}) for t in tables for r in t.rows]
     shown: dict[str, set[str]] = defaultdict(set)
-    for t in tables:
-        for r in t.rows:
-            config = r.runs[0].get("_config") or {}
-            shown[r.router] |= {k for k in settings(r.label) if f"router.{k}" in config}
+    for _, r, config in rows:
+        shown[r.router] |= {k for k in settings(r.label) if f"router.{k}" in config}
     out = {}
-    for t in tables:
-        for r in t.rows:
-            config = r.runs[0].get("_config") or {}
-            head, *tokens = r.label.split(" ")
-            other = [tok for tok in tokens if tok.split("=", 1)[0] not in shown[r.router]]
-            router_keys = {tok.split("=", 1)[0]: tok for tok in tokens if tok not in other}
-            for k in shown[r.router] - set(router_keys):
-                if f"router.{k}" in config:
-                    router_keys[k] = f"{k}={_show(config[f'router.{k}'])}"
-            out[(t.domain, r.label)] = " ".join([head, *other, *(router_keys[k] for k in sorted(router_keys))])
+    for domain, r, config in rows:
+        head, *tokens = r.label.split(" ")
+        other = [tok for tok in tokens if tok.split("=", 1)[0] not in shown[r.router]]
+        router_keys = {tok.split("=", 1)[0]: tok for tok in tokens if tok not in other}
+        for k in shown[r.router] - set(router_keys):
+            if f"router.{k}" in config:
+                router_keys[k] = f"{k}={_show(config[f'router.{k}'])}"
+        out[(domain, r.label)] = " ".join([head, *other, *(router_keys[k] for k in sorted(router_keys))])
     return out
 
 

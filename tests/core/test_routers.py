@@ -250,7 +250,7 @@ def test_causal_routers_ignore_later_tokens(router_name, make_router):
     torch.testing.assert_close(wa[:, first], wb[:, first], rtol=0, atol=1e-6)
 
 
-def _token_weights_SE(routing: Routing) -> torch.Tensor:
+def _token_weights(routing: Routing) -> torch.Tensor:
     """Each token's weights per expert, tokens of every group in a row (G·S rows)."""
     if routing.is_soft:   # what a token receives from each expert, and what it sends to each
         w = torch.cat([routing.combine_GSEP.sum(3), routing.dispatch_GSEP.sum(3)], dim=-1)
@@ -278,7 +278,7 @@ def test_eval_group_dependent_says_whether_a_token_routes_alone_as_in_its_group(
     if together.is_merged:   # one merged expert per group: a group's output mixes its tokens
         assert router.eval_group_dependent
         return
-    a, b = _token_weights_SE(together), _token_weights_SE(alone)
+    a, b = _token_weights(together), _token_weights(alone)
     same = a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-6)
     assert same != router.eval_group_dependent, (router_name, router.eval_group_dependent, (a - b).abs().max())
 
