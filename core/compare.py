@@ -292,11 +292,17 @@ def _budget_difference(budget: tuple, main: tuple) -> tuple:
 # ----------------------------------------------------------------------------------------- tables
 
 
+# what a label shows after the router: (name shown, value shown, config key; ``~model`` / ``~data``
+# for the names metrics.json gives)
+Setting = tuple[str, str, str]
+
+
 @dataclass
 class Row:
     label: str
     router: str
     runs: list[dict]
+    settings: tuple[Setting, ...] = ()  # what the label shows after the router
     not_applicable: bool = False
     # metric -> {seed: value averaged over that seed's runs}
     per_seed: dict[str, dict] = field(default_factory=dict)
@@ -355,10 +361,14 @@ def _varying(dicts: list[dict]) -> list[str]:
     return sorted(kept)
 
 
-def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
-    """Router name; then the model and data names where they differ between rows of that router
-    (``topk model=ple``); then the keys whose values differ between rows of the same router, model
-    and data (``topk lr=0.01``)."""
+def _label_text(head: str, settings: tuple[Setting, ...]) -> str:
+    return " ".join([head, *(f"{name}={value}" for name, value, _ in settings)])
+
+
+def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, tuple[str, tuple[Setting, ...]]]:
+    """Per group, the router name and the settings its label shows: the model and data names where
+    they differ between rows of that router (``topk model=ple``); then the keys whose values differ
+    between rows of the same router, model and data (``topk lr=0.01``)."""
     by_router: dict[str, list[dict]] = defaultdict(list)
     for ident in groups:
         by_router[json.loads(ident[0][1])].append(dict(ident))
@@ -372,11 +382,11 @@ def _labels(groups: dict[tuple, list[dict]]) -> dict[tuple, str]:
             varying = _varying(members)
             tails = Counter(k.rsplit(".", 1)[-1] for k in varying)
             for d in members:
-                parts = [router] + [f"{n}={_show(v)}" for n, v in zip(shown, names)]
+                settings = [(n, _show(v), f"~{n}") for n, v in zip(shown, names)]
                 for k in varying:
                     name = k.rsplit(".", 1)[-1] if tails[k.rsplit(".", 1)[-1]] == 1 else k
-                    parts.append(f"{name}={_show(d[k]) if k in d else UNSET}")
-                labels[tuple(d.items())] = " ".join(parts)
+                    settings.append((name, _show(d[k]) if k in d else UNSET, k))
+                labels[tuple(d.items())] = (router, tuple(settings))
     return labels
 
 
@@ -389,7 +399,7 @@ def configurations(runs: list[dict], drop: tuple[str, ...] = ()) -> list[tuple[s
     for r in runs:
         groups[tuple(kv for kv in _identity(r, follow_seed) if not _under(kv[0], drop)) + _budget(r)].append(r)
     labels = _labels(groups)
-    return [(labels[ident], members) for ident, members in groups.items()]
+    return [(_label_text(*labels[ident]), members) for ident, members in groups.items()]
 
 
 def per_seed(runs: list[dict], key: str) -> dict[str, float]:
@@ -448,7 +458,7 @@ def _table(domain, budget, main, metric, higher, runs, baseline, follow_seed=fro
     labels = _labels(groups)
     rows = []
     for ident, members in groups.items():
-        row = Row(labels[ident], row_label(members[0]), members)
+        row = Row(_label_text(*labels[ident]), row_label(members[0]), members, settings=labels[ident][1])
         seed_runs = Counter(_seed_key(r) for r in members if r.get("status") != NA)
         row.repeated = {s: c for s, c in seed_runs.items() if c > 1}
         row.not_applicable = all(r.get("status") == NA for r in members)
@@ -533,22 +543,18 @@ def _cross_labels(tables: list[Table]) -> dict[tuple[str, str], str]:
     router keys any domain shows, so equal settings share a line (one domain's ``soft
     slots_per_expert=1`` and another's ``soft normalize=False`` are both ``soft normalize=False
     slots_per_expert=1`` when both ran with normalize=false and one slot)."""
-    def settings(label: str) -> list[str]:
-        return [tok.split("=", 1)[0] for tok in label.split(" ")[1:] if "=" in tok]
-
-    rows = [(t.domain, r, r.runs[0].get("_config") or {}) for t in tables for r in t.rows]
-    shown: dict[str, set[str]] = defaultdict(set)
-    for _, r, config in rows:
-        shown[r.router] |= {k for k in settings(r.label) if f"router.{k}" in config}
+    rows = [(t.domain, r) for t in tables for r in t.rows]
+    shown: dict[str, set[str]] = defaultdict(set)  # router -> router keys some domain's label shows
+    for _, r in rows:
+        shown[r.router] |= {key for _, _, key in r.settings if key.startswith("router.")}
     out = {}
-    for domain, r, config in rows:
-        head, *tokens = r.label.split(" ")
-        other = [tok for tok in tokens if tok.split("=", 1)[0] not in shown[r.router]]
-        router_keys = {tok.split("=", 1)[0]: tok for tok in tokens if tok not in other}
-        for k in shown[r.router] - set(router_keys):
-            if f"router.{k}" in config:
-                router_keys[k] = f"{k}={_show(config[f'router.{k}'])}"
-        out[(domain, r.label)] = " ".join([head, *other, *(router_keys[k] for k in sorted(router_keys))])
+    for domain, r in rows:
+        config = r.runs[0].get("_config") or {}
+        own = {s[2]: s for s in r.settings}
+        other = tuple(s for s in r.settings if s[2] not in shown[r.router])
+        router_keys = tuple(own.get(key) or (key.removeprefix("router."), _show(config[key]), key)
+                            for key in sorted(shown[r.router]) if key in own or key in config)
+        out[(domain, r.label)] = _label_text(r.router, other + router_keys)
     return out
 
 

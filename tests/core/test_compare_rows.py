@@ -253,3 +253,20 @@ def test_runs_without_config_yaml_are_listed_apart(tmp_path, vision_debug_config
     assert "### vision, another budget: not recorded (no config.yaml)" in out["markdown"]
     assert "- without config.yaml (grouped by the router and the settings metrics.json records): topk" \
         in out["markdown"]
+
+
+def test_cross_domain_labels_keep_values_with_spaces_whole(tmp_path):
+    """A router key whose value prints with a space (a list: ``[1, 2]``) stays one setting in the
+    cross-domain table; reading the settings back from the label text split it at the space."""
+    soft = OmegaConf.to_container(compose("vision", "debug=default", "+router=soft"), resolve=True)
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for groups, acc in (([1, 2], 0.5), ([3, 4], 0.7)):
+            _run(root, f"a_{groups[0]}_{seed}", _config(soft, seed, **{"router.slot_groups": groups}),
+                 router="soft", test_acc=acc)
+        _run(root, f"b_{seed}", _config(soft, seed, **{"router.slot_groups": [1, 2]}), domain="recsys",
+             metric="test_auc", router="soft", test_auc=0.9)
+    header, rows = quality_table(compare([root], tmp_path / "cmp")["tables"])
+    rows = {r[0]: r for r in rows}
+    assert set(rows) == {"soft slot_groups=[1, 2]", "soft slot_groups=[3, 4]"}
+    assert rows["soft slot_groups=[1, 2]"][header.index("recsys test_auc ↑")].startswith("0.9000")
