@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from core.engine import load_checkpoint
 from nlp.data import build_tokenizer
+from nlp.models import check_top_p
 from nlp.training import build_model
 
 __all__ = ["bench_generation", "generate_text", "load_model", "main"]
@@ -137,8 +138,7 @@ def parse_args(argv: list[str]) -> dict:
     except ValueError as err:
         raise ValueError(f"nlp.generate: {err}; max_new_tokens, seed, top_k and repeats are integers, temperature "
                          "and top_p numbers.") from err
-    if not 0 < args["top_p"] <= 1:
-        raise ValueError(f"top_p={args['top_p']} is not allowed: it must lie in (0, 1] (1: no nucleus cut).")
+    check_top_p(args["top_p"])
     if args["max_new_tokens"] < 0:
         raise ValueError(f"max_new_tokens={args['max_new_tokens']} is not allowed: it must be >= 0.")
     for key in ("cache", "bench"):

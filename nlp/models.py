@@ -116,6 +116,12 @@ class KVCache:
         return self.layers[0].length
 
 
+def check_top_p(top_p: float | None) -> None:
+    """Raise ``ValueError`` unless ``top_p`` is None or lies in (0, 1]."""
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is not allowed: it must lie in (0, 1] (1: no nucleus cut).")
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None, top_p: float | None = None) -> torch.Tensor:
     """The next token (B, 1): greedy at ``temperature`` 0, else sampled from the softmax of
@@ -131,8 +137,8 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
-        before_BV = torch.softmax(sorted_BV, -1).cumsum(-1) - torch.softmax(sorted_BV, -1)
-        drop_BV = before_BV >= top_p  # keep a token while the mass before it is still short of top_p
+        probs_BV = torch.softmax(sorted_BV, -1)
+        drop_BV = probs_BV.cumsum(-1) - probs_BV >= top_p  # kept while the mass before it is short of top_p
         logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
     probs = torch.softmax(logits_BV, -1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits_BV.device)
@@ -560,8 +566,7 @@ class MoETransformerLM(nn.Module):
         ``max_seq_len`` tokens, whose positions then shift every step, so from there it is recomputed."""
         if temperature < 0:
             raise ValueError(f"temperature={temperature} is not allowed: it must be >= 0.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} is not allowed: it must lie in (0, 1] (1: no nucleus cut).")
+        check_top_p(top_p)
         if use_cache not in (None, True, False):
             raise ValueError(f"use_cache={use_cache!r} is not allowed: use True, False or None (when possible).")
         why = self.kv_cache_problem()
