@@ -4,15 +4,19 @@
 # and 2, every run at its domain's fixed budget, then one cross-domain table from core.compare.
 #   scripts/router_study.sh                      # everything under multirun/router_study
 #   DOMAINS="recsys nlp" scripts/router_study.sh  # some domains (the page still tabulates every run there)
+#   DOMAINS=vision SEEDS=0,1,2,3,4 OUT=multirun/router_study_vision_5_seeds \
+#     PAGE=docs/router_study_vision_5_seeds.md TITLE="The vision router study at five seeds" scripts/router_study.sh
 # A sweep whose directory holds a .done marker is skipped, so the script resumes after an interruption.
 #
 # The settings each router uses, and why, are the notes written below (they head docs/router_study.md).
 # Two runs at a time, one thread each: about 90 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=multirun/router_study
+OUT=${OUT:-multirun/router_study}
+PAGE=${PAGE:-docs/router_study.md}
+TITLE=${TITLE:-"The router study in four domains"}
 DOMAINS=${DOMAINS:-"recsys nlp multimodal vision"}
-SEEDS=seed=0,1,2
+SEEDS=seed=${SEEDS:-0,1,2}
 . scripts/sweeps.sh
 SOFT="+router=soft router.normalize=false"
 V3="experiment=router_study_budget trainer.max_epochs=3 trainer.eval_every_epochs=3"
@@ -22,13 +26,13 @@ add() { commands+=("$*"); }   # every command names its hydra.sweep.dir (the .do
 for d in $DOMAINS; do
   case $d in
     vision)
+      add python -m vision.train -m $V3 $SEEDS model.moe=false hydra.sweep.dir=$OUT/vision/dense
       add python -m vision.train -m $V3 $SEEDS +router=topk,expert_choice hydra.sweep.dir=$OUT/vision/sparse
-      add python -m vision.train -m $V3 $SEEDS +router=mixtral hydra.sweep.dir=$OUT/vision/mixtral
       add python -m vision.train -m $V3 $SEEDS $SOFT hydra.sweep.dir=$OUT/vision/soft
-      add python -m vision.train -m $V3 $SEEDS +router=soft hydra.sweep.dir=$OUT/vision/soft_reference
       add python -m vision.train -m $V3 $SEEDS $SOFT router.slots_per_expert=12 router_name=soft_12_slots \
         hydra.sweep.dir=$OUT/vision/soft_12_slots
-      add python -m vision.train -m $V3 $SEEDS model.moe=false hydra.sweep.dir=$OUT/vision/dense ;;
+      add python -m vision.train -m $V3 $SEEDS +router=mixtral hydra.sweep.dir=$OUT/vision/mixtral
+      add python -m vision.train -m $V3 $SEEDS +router=soft hydra.sweep.dir=$OUT/vision/soft_reference ;;
     recsys | multimodal)
       add python -m $d.train -m experiment=router_study threads=1 $SEEDS hydra.sweep.dir=$OUT/$d/sparse
       add python -m $d.train -m experiment=router_study_budget threads=1 $SEEDS $SOFT hydra.sweep.dir=$OUT/$d/soft
@@ -76,5 +80,5 @@ Settings, and why:
 EOF
 
 compare_args "${commands[@]}"
-python -m core.compare $OUT --out $OUT/compare --page docs/router_study.md \
-  --title "The router study in four domains" --notes $OUT/settings.md "${COMPARE_ARGS[@]}"
+python -m core.compare $OUT --out $OUT/compare --page "$PAGE" --title "$TITLE" --notes $OUT/settings.md \
+  "${COMPARE_ARGS[@]}"
